@@ -1,0 +1,93 @@
+"""Every file and folder name the toolkit uses, in one place.
+
+A model directory holds OpenAI's seven files; a run directory (checkpoint/<run_name>/) holds the
+same layout plus the training state, so both load with the same code, ours or gpt-2-simple's.
+"""
+
+import os
+from pathlib import Path
+
+from gpt2tf.errors import UserError
+
+HPARAMS = "hparams.json"
+ENCODER = "encoder.json"
+VOCAB = "vocab.bpe"
+CKPT_STATE = "checkpoint"  # TF's text file that names the latest checkpoint prefix
+CKPT_PREFIX = "model.ckpt"  # OpenAI's checkpoint prefix; runs add "-<step>"
+MODEL_FILES = (
+    CKPT_STATE,
+    ENCODER,
+    HPARAMS,
+    CKPT_PREFIX + ".data-00000-of-00001",
+    CKPT_PREFIX + ".index",
+    CKPT_PREFIX + ".meta",
+    VOCAB,
+)
+VOCAB_FILES = (ENCODER, VOCAB)
+
+TRAIN_CONFIG = "train_config.json"
+METRICS = "metrics.jsonl"
+SAMPLER_STATE = "sampler_state.json"
+
+DEFAULT_MODELS_DIR = "models"
+DEFAULT_CHECKPOINT_DIR = "checkpoint"
+DEFAULT_SAMPLES_DIR = "samples"
+DEFAULT_RUN_NAME = "run1"
+DEFAULT_MODEL_NAME = "124M"
+
+# OpenAI's public storage; GPT2_BASE_URL (or --base_url) replaces everything before /models/.
+DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2"
+BASE_URL_ENV = "GPT2_BASE_URL"
+
+MODEL_NAMES = ("124M", "355M", "774M", "1558M")
+MODEL_ALIASES = {"117M": "124M", "345M": "355M"}  # OpenAI renamed the first two sizes in 2019
+
+
+def canonical_model_name(name: str) -> str:
+    """Map a model name (old names included) to its current name, or raise UserError."""
+    name = str(name)
+    name = MODEL_ALIASES.get(name, name)
+    if name not in MODEL_NAMES:
+        raise UserError(
+            f"unknown model name {name!r}; choose one of {', '.join(MODEL_NAMES)}"
+            " (117M and 345M are accepted as old names of 124M and 355M)"
+        )
+    return name
+
+
+def model_path(models_dir: str | os.PathLike, model_name: str) -> Path:
+    """models/<model_name>/ for a released (or user-made) model directory."""
+    name = str(model_name)
+    name = MODEL_ALIASES.get(name, name)
+    # Old-name directories made by older tools still load: prefer what is on disk.
+    for candidate in (name, str(model_name)):
+        if (Path(models_dir) / candidate).is_dir():
+            return Path(models_dir) / candidate
+    return Path(models_dir) / name
+
+
+def check_run_name(run_name: str) -> str:
+    """A run name is one folder name: no separators, no '..', not empty."""
+    run_name = str(run_name)
+    if (
+        not run_name
+        or run_name in (".", "..")
+        or "/" in run_name
+        or "\\" in run_name
+        or ".." in run_name
+        or "\0" in run_name
+    ):
+        raise UserError(
+            f"bad run name {run_name!r}: use a plain folder name without '/', '\\' or '..'"
+        )
+    return run_name
+
+
+def run_path(checkpoint_dir: str | os.PathLike, run_name: str) -> Path:
+    """checkpoint/<run_name>/: a fine-tuning run's directory."""
+    return Path(checkpoint_dir) / check_run_name(run_name)
+
+
+def samples_path(samples_dir: str | os.PathLike, run_name: str) -> Path:
+    """samples/<run_name>/: where training writes its periodic samples."""
+    return Path(samples_dir) / check_run_name(run_name)
