@@ -38,11 +38,22 @@ def _script(fn: Callable) -> Callable[[list[str] | None], int]:
     return main
 
 
-def download(model_name: str = "124M", models_dir: str = "models", base_url: str | None = None):
-    """Download an OpenAI GPT-2 model (124M, 355M, 774M, 1558M) into <models_dir>/<model_name>/."""
+def download(
+    model_name: str = "124M",
+    models_dir: str = "models",
+    base_url: str = "",
+    progress: bool = True,
+):
+    """Download an OpenAI GPT-2 model (124M, 355M, 774M, 1558M) into <models_dir>/<model_name>/.
+
+    base_url replaces OpenAI's storage (everything before /models/); the environment variable
+    GPT2_BASE_URL does the same. An interrupted download resumes when run again.
+    """
     from gpt2tf import download as dl
 
-    dl.download_model(str(model_name), models_dir=models_dir, base_url=base_url)
+    dl.download_model(
+        str(model_name), models_dir=models_dir, base_url=base_url or None, progress=progress
+    )
 
 
 def encode(

@@ -1,0 +1,174 @@
+"""Checkpoints in OpenAI's layout: restore with checks, read/write weights, new model dirs.
+
+A checkpoint is compatible when every variable in the graph is in it with the same shape;
+extra entries (optimizer slots, step counters) are ignored, so runs written by gpt-2-simple
+or our trainer load for generation like OpenAI's own files.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from gpt2tf import fileio, model, paths
+from gpt2tf.errors import UserError
+from gpt2tf.hparams import HParams
+
+tf1 = tf.compat.v1
+
+
+def list_checkpoint(prefix: str) -> dict[str, list[int]]:
+    """Name -> shape of every tensor in a checkpoint; unreadable files are a UserError."""
+    try:
+        return {name: shape for name, shape in tf.train.list_variables(prefix)}
+    except (tf.errors.OpError, ValueError) as e:
+        raise UserError(
+            f"checkpoint {prefix} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]});"
+            " it is corrupt or incomplete: re-download the model or use another checkpoint"
+        ) from None
+
+
+def check_compatible(prefix: str, hparams: HParams, names: list[str] | None = None) -> None:
+    """Raise UserError unless the checkpoint holds every model weight with hparams' shapes."""
+    found = list_checkpoint(prefix)
+    expected = model.variable_shapes(hparams)
+    for name in names or expected:
+        if name not in found:
+            raise UserError(
+                f"checkpoint {prefix} has no variable {name}: hparams.json (n_layer="
+                f"{hparams.n_layer}) does not match it, or it is not a GPT-2 checkpoint"
+            )
+        if list(found[name]) != list(expected[name]):
+            raise UserError(
+                f"checkpoint {prefix} does not match hparams.json: {name} has shape "
+                f"{list(found[name])} in the checkpoint but {expected[name]} from {hparams}"
+            )
+
+
+def var_name(v) -> str:
+    return v.name.split(":")[0]
+
+
+def restore(session, prefix: str, variables: list, hparams: HParams) -> None:
+    """Restore `variables` (model weights) from `prefix` after checking every shape."""
+    check_compatible(prefix, hparams, [var_name(v) for v in variables])
+    saver = tf1.train.Saver(var_list=variables)
+    try:
+        saver.restore(session, prefix)
+    except tf.errors.OpError as e:
+        raise UserError(
+            f"cannot restore {prefix}: {str(e).splitlines()[0]}; the files are corrupt"
+        ) from None
+
+
+def read_weights(prefix: str) -> dict[str, np.ndarray]:
+    """Every model weight of a checkpoint as numpy arrays (optimizer state left out)."""
+    list_checkpoint(prefix)  # a clear error for unreadable files
+    reader = tf.train.load_checkpoint(prefix)
+    return {
+        name: reader.get_tensor(name)
+        for name in reader.get_variable_to_shape_map()
+        if name.startswith("model/") and "/Adam" not in name and "/Momentum" not in name
+    }
+
+
+def init_weights(hparams: HParams, seed: int = 0) -> dict[str, np.ndarray]:
+    """GPT-2's initialisation: normal(0.02) matrices and wte, normal(0.01) wpe, zero biases,
+    unit gains (as OpenAI's model.py initialisers)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in model.variable_shapes(hparams).items():
+        leaf = name.rsplit("/", 1)[1]
+        if leaf == "g":
+            out[name] = np.ones(shape, np.float32)
+        elif leaf == "b":
+            out[name] = np.zeros(shape, np.float32)
+        else:
+            std = 0.01 if leaf == "wpe" else 0.02
+            out[name] = (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)
+    return out
+
+
+def save_weights(prefix: str, hparams: HParams, weights: dict[str, np.ndarray]) -> None:
+    """Write weights as a TF checkpoint at `prefix` (with a .meta graph, like OpenAI's)."""
+    expected = model.variable_shapes(hparams)
+    missing = sorted(expected.keys() - weights.keys())
+    if missing:
+        raise UserError(f"weights lack {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    for name, shape in expected.items():
+        if list(weights[name].shape) != shape:
+            raise UserError(
+                f"{name} has shape {list(weights[name].shape)}, hparams.json implies {shape}"
+            )
+    graph = tf.Graph()
+    with graph.as_default():
+        X = tf1.placeholder(tf.int32, [None, None], name="context")
+        model.model(hparams, X)  # the .meta file then describes a usable graph
+        variables = model.model_variables()
+        feeds = {}
+        assigns = []
+        for v in variables:
+            ph = tf1.placeholder(tf.float32, v.shape)
+            assigns.append(v.assign(ph))
+            feeds[ph] = weights[var_name(v)].astype(np.float32)
+        saver = tf1.train.Saver(var_list=variables, save_relative_paths=True)
+        with tf1.Session(graph=graph) as sess:
+            sess.run(assigns, feeds)
+            saver.save(sess, prefix, write_state=True)
+
+
+def write_model_dir(
+    out_dir: str | os.PathLike,
+    hparams: HParams,
+    weights: dict[str, np.ndarray],
+    vocab: tuple[bytes, bytes],
+) -> Path:
+    """Create a model directory in OpenAI's seven-file layout, atomically.
+
+    Everything is written to a temporary sibling folder that is renamed into place at the end,
+    so `out_dir` either does not exist or is complete. An existing `out_dir` is refused.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise UserError(f"{out_dir} already exists: choose a new directory or remove it first")
+    if not out_dir.parent.is_dir():
+        raise UserError(f"parent folder {out_dir.parent} does not exist: create it first")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        fileio.write_text(tmp / paths.HPARAMS, hparams.to_json())
+        for name, content in zip(paths.VOCAB_FILES, vocab):
+            with fileio.atomic_open(tmp / name, "wb") as f:
+                f.write(content)
+        save_weights(str(tmp / paths.CKPT_PREFIX), hparams, weights)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fileio.fsync_dir(out_dir.parent)
+    return out_dir
+
+
+def init_model_dir(
+    out_dir: str | os.PathLike,
+    hparams: HParams,
+    *,
+    vocab_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> Path:
+    """A new randomly initialised model directory; byte-level vocabulary without vocab_dir."""
+    from gpt2tf import encoder, modeldir
+
+    if vocab_dir is not None:
+        vocab = modeldir.read_vocab_files(vocab_dir)
+    else:
+        vocab = encoder.byte_level_vocab()
+    enc = encoder.Encoder.from_bytes(*vocab, source=str(vocab_dir or "byte-level vocabulary"))
+    if hparams.n_vocab < enc.n_vocab:
+        raise UserError(
+            f"n_vocab={hparams.n_vocab} is smaller than the vocabulary ({enc.n_vocab} tokens):"
+            f" use --n_vocab {enc.n_vocab} or more"
+        )
+    return write_model_dir(out_dir, hparams, init_weights(hparams, seed), vocab)

@@ -1,0 +1,241 @@
+"""GPT-2's graph: a pure function of its inputs and OpenAI's variables.
+
+Variable scopes and shapes are exactly those of OpenAI's released checkpoints (`model/wte`,
+`model/h3/attn/c_attn/w` of shape [1, nx, nf], ...), so official weights, gpt-2-simple runs and
+ours load into the same graph. No I/O and no session here: callers build, restore and run.
+
+Two ways to attend:
+- training and scoring: `cache=None`, a causal mask over the T positions of X;
+- decoding: a `cache` object (see gpt2tf.sample.KVCache) keeps keys/values of earlier positions,
+  so each new token costs one position, not the whole prefix.
+"""
+
+import math
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+from gpt2tf.hparams import HParams
+
+tf1 = tf.compat.v1
+
+# A large negative bias rather than -inf keeps fully masked rows (left padding) NaN-free.
+MASK_VALUE = -1e9
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Which dtype the matmuls run in. Weights, norms, softmax and the loss stay in float32."""
+
+    compute_dtype: tf.DType = tf.float32
+
+    def cast(self, x: tf.Tensor) -> tf.Tensor:
+        return x if x.dtype == self.compute_dtype else tf.cast(x, self.compute_dtype)
+
+
+FP32 = Precision(tf.float32)
+BF16 = Precision(tf.bfloat16)
+
+
+def shape_list(x: tf.Tensor) -> list:
+    """Static dims where known, dynamic ones elsewhere."""
+    static = x.shape.as_list()
+    dynamic = tf.shape(x)
+    return [dynamic[i] if s is None else s for i, s in enumerate(static)]
+
+
+def gelu(x: tf.Tensor) -> tf.Tensor:
+    # GPT-2's tanh approximation (HF's "gelu_new"); the exact erf form differs by ~1e-3.
+    return 0.5 * x * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * tf.pow(x, 3))))
+
+
+def norm(x: tf.Tensor, scope: str, *, epsilon: float = 1e-5) -> tf.Tensor:
+    """LayerNorm over the last axis with OpenAI's variable names g (gain) and b (bias)."""
+    with tf1.variable_scope(scope):
+        n_state = x.shape[-1]
+        g = tf1.get_variable("g", [n_state], initializer=tf1.constant_initializer(1.0))
+        b = tf1.get_variable("b", [n_state], initializer=tf1.constant_initializer(0.0))
+        u = tf.reduce_mean(x, axis=-1, keepdims=True)
+        s = tf.reduce_mean(tf.square(x - u), axis=-1, keepdims=True)
+        return (x - u) * tf.math.rsqrt(s + epsilon) * g + b
+
+
+def conv1d(x: tf.Tensor, scope: str, nf: int, *, precision: Precision, stddev: float = 0.02):
+    """A dense layer; the weight is stored as [1, nx, nf] because OpenAI's checkpoint says so."""
+    with tf1.variable_scope(scope):
+        *start, nx = shape_list(x)
+        w = tf1.get_variable(
+            "w", [1, nx, nf], initializer=tf1.random_normal_initializer(stddev=stddev)
+        )
+        b = tf1.get_variable("b", [nf], initializer=tf1.constant_initializer(0.0))
+        # 2-D matmul: one GEMM (GEMV when decoding one token) over all rows of x.
+        c = tf.matmul(precision.cast(tf.reshape(x, [-1, nx])), precision.cast(tf.reshape(w, [nx, nf])))
+        c = tf.cast(c, tf.float32) + b
+        return tf.reshape(c, start + [nf])
+
+
+def split_heads(x: tf.Tensor, n_head: int) -> tf.Tensor:
+    # [B, T, C] -> [B, H, T, C/H]
+    *start, c = shape_list(x)
+    return tf.transpose(tf.reshape(x, start + [n_head, c // n_head]), [0, 2, 1, 3])
+
+
+def merge_heads(x: tf.Tensor) -> tf.Tensor:
+    # [B, H, T, D] -> [B, T, H*D]
+    x = tf.transpose(x, [0, 2, 1, 3])
+    *start, h, d = shape_list(x)
+    return tf.reshape(x, start + [h * d])
+
+
+def attn(x, scope, *, layer, hparams: HParams, bias, cache, precision: Precision):
+    """Multi-head causal self-attention.
+
+    x: [B, T, C]; bias: additive mask broadcastable to [B, H, T, S] (0 keep, MASK_VALUE drop),
+    where S = T without a cache and S = positions so far with one.
+    """
+    n_state = hparams.n_embd
+    with tf1.variable_scope(scope):
+        c = conv1d(x, "c_attn", n_state * 3, precision=precision)  # [B, T, 3C]
+        q, k, v = map(lambda t: split_heads(t, hparams.n_head), tf.split(c, 3, axis=2))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # [B, H, S, D] with the earlier positions
+        # [B, H, T, D] x [B, H, S, D]^T -> [B, H, T, S]
+        w = tf.matmul(precision.cast(q), precision.cast(k), transpose_b=True)
+        w = tf.cast(w, tf.float32) * (1.0 / math.sqrt(hparams.head_dim)) + bias
+        w = tf.nn.softmax(w, axis=-1)
+        a = tf.matmul(precision.cast(w), precision.cast(v))  # [B, H, T, D]
+        a = merge_heads(tf.cast(a, tf.float32))  # [B, T, C]
+        return conv1d(a, "c_proj", n_state, precision=precision)
+
+
+def mlp(x, scope, *, hparams: HParams, precision: Precision):
+    with tf1.variable_scope(scope):
+        h = gelu(conv1d(x, "c_fc", hparams.n_embd * 4, precision=precision))  # [B, T, 4C]
+        return conv1d(h, "c_proj", hparams.n_embd, precision=precision)  # [B, T, C]
+
+
+def block(x, scope, *, layer, hparams, bias, cache, precision):
+    """One pre-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+    with tf1.variable_scope(scope):
+        x = x + attn(
+            norm(x, "ln_1"), "attn", layer=layer, hparams=hparams, bias=bias, cache=cache,
+            precision=precision,
+        )
+        return x + mlp(norm(x, "ln_2"), "mlp", hparams=hparams, precision=precision)
+
+
+def causal_bias(t: tf.Tensor) -> tf.Tensor:
+    """[1, 1, T, T] additive mask: position i sees positions j <= i."""
+    i = tf.range(t)[:, None]
+    j = tf.range(t)[None, :]
+    return tf.where(j <= i, 0.0, MASK_VALUE)[None, None]
+
+
+def model(
+    hparams: HParams,
+    X: tf.Tensor,
+    *,
+    cache=None,
+    pos=None,
+    pad=None,
+    scope: str = "model",
+    reuse=tf1.AUTO_REUSE,
+    last_only: bool = False,
+    precision: Precision = FP32,
+    recompute: bool = False,
+) -> dict:
+    """GPT-2 forward pass.
+
+    X: [B, T] token ids. Without a cache, positions are 0..T-1 and attention is causal.
+    With a cache, X holds the tokens at cache positions pos..pos+T-1 (pos: int32 scalar) and
+    pad: [B] counts left-padding positions per row: they are never attended to, and position
+    embeddings count from the first real token, so a padded row gives the logits it would alone.
+    Returns {"logits": [B, T, V] (or [B, V] for the last position with last_only), "hidden":
+    the final-norm activations in the same layout}.
+    `recompute` rematerialises each block in the backward pass (memory-saving gradients).
+    """
+    with tf1.variable_scope(scope, reuse=reuse):
+        batch, t = shape_list(X)
+        wpe = tf1.get_variable(
+            "wpe", [hparams.n_ctx, hparams.n_embd],
+            initializer=tf1.random_normal_initializer(stddev=0.01),
+        )
+        wte = tf1.get_variable(
+            "wte", [hparams.n_vocab, hparams.n_embd],
+            initializer=tf1.random_normal_initializer(stddev=0.02),
+        )
+        if cache is None:
+            positions = tf.range(t)[None, :]  # [1, T]
+            bias = causal_bias(t)
+        else:
+            cache_pos = pos + tf.range(t)  # [T] cache slots written by this call
+            positions = tf.maximum(cache_pos[None, :] - pad[:, None], 0)  # [B, T]
+            keys = tf.range(pos + t)  # [S]
+            visible = (keys[None, None, :] <= cache_pos[None, :, None]) & (
+                keys[None, None, :] >= pad[:, None, None]
+            )  # [B, T, S]
+            bias = tf.where(visible, 0.0, MASK_VALUE)[:, None]  # [B, 1, T, S]
+        # Gather from plain reads: a ResourceGather would switch the variables to
+        # copy-on-read mode, and every later read of wte (the LM head) would copy 150 MB.
+        wte, wpe = wte.read_value(), wpe.read_value()
+        h = tf.gather(wte, X) + tf.gather(wpe, positions)  # [B, T, C]
+
+        for layer in range(hparams.n_layer):
+            if recompute:
+                h = _recomputed_block(h, layer, hparams=hparams, bias=bias, precision=precision)
+            else:
+                h = block(
+                    h, f"h{layer}", layer=layer, hparams=hparams, bias=bias, cache=cache,
+                    precision=precision,
+                )
+
+        h = norm(h, "ln_f")  # [B, T, C]
+        if last_only:
+            h = h[:, -1]  # [B, C]: the LM head is the biggest matmul; skip unneeded positions
+        # The LM head is tied to the token embedding: [.., C] x [V, C]^T -> [.., V]
+        flat = tf.reshape(h, [-1, hparams.n_embd])
+        logits = tf.matmul(precision.cast(flat), precision.cast(wte), transpose_b=True)
+        logits = tf.cast(logits, tf.float32)
+        logits = tf.reshape(logits, [batch, hparams.n_vocab] if last_only else [batch, t, hparams.n_vocab])
+        return {"logits": logits, "hidden": h}
+
+
+def _recomputed_block(h, layer, *, hparams, bias, precision):
+    """A block whose activations are recomputed in the backward pass instead of stored."""
+    # The backward pass re-runs fn outside this scope: re-enter it by object, not by name.
+    outer = tf1.get_variable_scope()
+
+    @tf.recompute_grad
+    def fn(x):
+        with tf1.variable_scope(outer, reuse=tf1.AUTO_REUSE):
+            return block(
+                x, f"h{layer}", layer=layer, hparams=hparams, bias=bias, cache=None,
+                precision=precision,
+            )
+
+    return fn(h)
+
+
+def model_variables(scope: str = "model") -> list:
+    """The model's weights in the current graph (what a checkpoint in OpenAI's layout holds)."""
+    return [v for v in tf1.global_variables() if v.name.startswith(scope + "/")]
+
+
+def variable_shapes(hparams: HParams) -> dict[str, list[int]]:
+    """Checkpoint name -> shape for every weight, computed without building a graph."""
+    c, v = hparams.n_embd, hparams.n_vocab
+    shapes = {"model/wte": [v, c], "model/wpe": [hparams.n_ctx, c]}
+    for i in range(hparams.n_layer):
+        p = f"model/h{i}/"
+        for ln in ("ln_1", "ln_2"):
+            shapes[p + ln + "/g"] = [c]
+            shapes[p + ln + "/b"] = [c]
+        for name, nx, nf in (
+            ("attn/c_attn", c, 3 * c), ("attn/c_proj", c, c),
+            ("mlp/c_fc", c, 4 * c), ("mlp/c_proj", 4 * c, c),
+        ):
+            shapes[p + name + "/w"] = [1, nx, nf]
+            shapes[p + name + "/b"] = [nf]
+    shapes["model/ln_f/g"] = [c]
+    shapes["model/ln_f/b"] = [c]
+    return shapes

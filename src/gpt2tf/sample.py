@@ -1,0 +1,107 @@
+"""Graph-level decoding pieces: a preallocated key/value cache and the samplers.
+
+No I/O and no session here. The decode loop itself lives in gpt2tf.inference: it feeds one
+position per step and keeps the cache in variables, so a step reads the weights once and
+touches only the new position of the cache (an in-place slice assignment, no concatenation).
+
+Sampling takes its randomness from the caller as one uniform number per row (inverse-CDF
+sampling). The caller draws them from a per-sample seeded numpy generator, so a sample depends
+only on its own seed: not on the batch it ran in, nor on earlier calls in the session.
+"""
+
+import tensorflow as tf
+
+from gpt2tf.hparams import HParams
+
+tf1 = tf.compat.v1
+
+# top_p at or above this means "off": keeps every token even where float sums round to 1.0.
+TOP_P_OFF = 2.0
+
+
+class KVCache:
+    """Keys and values of every layer, [B, H, n_ctx, D] each, in non-trainable variables.
+
+    One variable per layer and per k/v: an assignment then never waits on (or copies for) a
+    read of another layer's cache still in flight.
+    """
+
+    def __init__(self, hparams: HParams, pos: tf.Tensor, scope: str = "kv_cache"):
+        self.hparams = hparams
+        self.pos = pos  # int32 scalar: the first cache slot this step writes
+        shape = tf.TensorShape([None, hparams.n_head, hparams.n_ctx, hparams.head_dim])
+        with tf1.variable_scope(scope):
+            self.keys, self.values = [], []
+            for i in range(hparams.n_layer):
+                for store, name in ((self.keys, "k"), (self.values, "v")):
+                    store.append(
+                        tf1.Variable(
+                            tf.zeros([0, hparams.n_head, hparams.n_ctx, hparams.head_dim]),
+                            shape=shape, trainable=False, use_resource=True,
+                            collections=[tf1.GraphKeys.LOCAL_VARIABLES],
+                            name=f"h{i}_{name}",
+                        )
+                    )
+
+    def reset_op(self, batch_size: tf.Tensor) -> tf.Operation:
+        """(Re)allocate the cache for `batch_size` rows. Stale contents are never read."""
+        zeros = tf.zeros(
+            [batch_size, self.hparams.n_head, self.hparams.n_ctx, self.hparams.head_dim]
+        )
+        return tf.group([v.assign(zeros) for v in self.keys + self.values])
+
+    def update(self, layer: int, k: tf.Tensor, v: tf.Tensor):
+        """Write k, v ([B, H, T, D]) at pos..pos+T-1; return all keys/values [B, H, pos+T, D]."""
+        t = tf.shape(k)[2]
+        end = self.pos + t
+        out = []
+        for var, new in ((self.keys[layer], k), (self.values[layer], v)):
+            write = var[:, :, self.pos:end, :].assign(new)
+            with tf.control_dependencies([write]):
+                out.append(var.read_value()[:, :, :end, :])
+        return out[0], out[1]
+
+
+def _pick(cum: tf.Tensor, uniform: tf.Tensor) -> tf.Tensor:
+    """Inverse CDF: the first index whose cumulative mass exceeds u * total. cum: [B, N]."""
+    n = tf.shape(cum)[1]
+    target = uniform[:, None] * cum[:, -1:]  # [B, 1]
+    idx = tf.searchsorted(cum, target, side="right")[:, 0]  # [B]
+    return tf.minimum(idx, n - 1)
+
+
+def sample_plain(logits: tf.Tensor, *, temperature: tf.Tensor, uniform: tf.Tensor) -> tf.Tensor:
+    """Sample from softmax(logits / temperature) over the whole vocabulary.
+
+    logits: [B, V]; temperature, uniform: [B]. Returns int32 token ids [B].
+    """
+    probs = tf.nn.softmax(logits / temperature[:, None], axis=-1)  # [B, V]
+    return tf.cast(_pick(tf.cumsum(probs, axis=-1), uniform), tf.int32)
+
+
+def sample_filtered(
+    logits: tf.Tensor,
+    *,
+    temperature: tf.Tensor,
+    top_k: tf.Tensor,
+    top_p: tf.Tensor,
+    k_max: tf.Tensor,
+    uniform: tf.Tensor,
+) -> tf.Tensor:
+    """Top-k, then nucleus (top-p) sampling, with per-row settings.
+
+    logits: [B, V]; temperature, top_p, uniform: [B] float; top_k: [B] int (0 = off);
+    k_max: int32 scalar >= every row's effective k (V where some row needs the full sort).
+    top-p keeps the smallest set of most likely tokens whose mass reaches p (at least one).
+    """
+    logits = logits / temperature[:, None]
+    values, indices = tf.math.top_k(logits, k=k_max, sorted=True)  # [B, K] each, descending
+    rank = tf.range(k_max)[None, :]  # [1, K]
+    k_row = tf.where(top_k > 0, top_k, k_max)[:, None]  # [B, 1]
+    values = tf.where(rank < k_row, values, -float("inf"))
+    probs = tf.nn.softmax(values, axis=-1)  # [B, K]
+    mass_before = tf.cumsum(probs, axis=-1, exclusive=True)
+    keep = (mass_before < top_p[:, None]) | (rank == 0)
+    probs = tf.where(keep, probs, 0.0)
+    choice = _pick(tf.cumsum(probs, axis=-1), uniform)  # [B] index into the sorted list
+    return tf.gather(indices, choice, batch_dims=1)
