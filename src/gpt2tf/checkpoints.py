@@ -52,12 +52,17 @@ def var_name(v) -> str:
     return v.name.split(":")[0]
 
 
-def restore(session, prefix: str, variables: list, hparams: HParams) -> None:
-    """Restore `variables` (model weights) from `prefix` after checking every shape."""
-    check_compatible(prefix, hparams, [var_name(v) for v in variables])
-    saver = tf1.train.Saver(var_list=variables)
+def make_saver(variables: list, **kwargs):
+    """A Saver over `variables`; build it inside the graph, before the graph is finalized."""
+    return tf1.train.Saver(var_list=variables, **kwargs)
+
+
+def restore(session, prefix: str, saver, hparams: HParams) -> None:
+    """Restore the saver's model weights from `prefix` after checking every name and shape."""
+    check_compatible(prefix, hparams)
     try:
-        saver.restore(session, prefix)
+        with session.graph.as_default():  # outside it, TF 2 takes the eager code path
+            saver.restore(session, prefix)
     except tf.errors.OpError as e:
         raise UserError(
             f"cannot restore {prefix}: {str(e).splitlines()[0]}; the files are corrupt"

@@ -107,7 +107,7 @@ class Generator:
         with self.graph.as_default():
             self._build()
         self.session = tf1.Session(graph=self.graph, config=session_config(threads))
-        checkpoints.restore(self.session, prefix, self._weights, self.hparams)
+        checkpoints.restore(self.session, prefix, self._saver, self.hparams)
         self._cache_rows = None
 
     @classmethod
@@ -143,7 +143,7 @@ class Generator:
             logits, temperature=self._temperature, top_k=self._top_k, top_p=self._top_p,
             k_max=self._k_max, uniform=self._uniform,
         )
-        self._weights = model.model_variables()
+        self._saver = checkpoints.make_saver(model.model_variables())
         # Scoring graph (full causal forward, no cache) for tests and evaluation.
         self._score_tokens = tf1.placeholder(tf.int32, [None, None], name="score_tokens")
         self._score_logits = model.model(hp, self._score_tokens)["logits"]
@@ -348,3 +348,55 @@ class Sample:
         if self.truncate:
             text = text.split(self.truncate, 1)[0]
         return text
+
+
+DEFAULT_SAMPLE_DELIM = "=" * 20 + "\n"
+
+
+def generate_texts(
+    gen: Generator,
+    *,
+    prefix: str | None = None,
+    nsamples: int = 1,
+    batch_size: int = 1,
+    length: int | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    seed: int | None = None,
+    truncate: str | None = None,
+    include_prefix: bool = True,
+    stop_at_eot: bool = True,
+    on_token=None,
+    on_sample=None,
+) -> list[str]:
+    """gpt-2-simple's generate semantics over a loaded Generator; returns the texts.
+
+    include_prefix puts the prompt in front of each text (gpt-2-simple only honoured it with
+    truncate). on_sample(index, text) is called as each sample completes.
+    """
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    length = gen.hparams.n_ctx - 1 if length is None else length
+    prefix = None if prefix is None or prefix == "" else str(prefix)
+    context = gen.encode_prompt(prefix)
+    texts = []
+    for i, s in enumerate(gen.iter_samples(
+        context, nsamples=nsamples, batch_size=batch_size, length=length, params=params,
+        seed=seed, stop_at_eot=stop_at_eot, truncate=truncate, on_token=on_token,
+    )):
+        text = (prefix + s.text) if (prefix and include_prefix) else s.text
+        texts.append(text)
+        if on_sample is not None:
+            on_sample(i, text)
+    return texts
+
+
+def write_samples(path: str | os.PathLike, texts: list[str], sample_delim: str) -> None:
+    """Write samples the way gpt-2-simple's generate_to_file does, atomically."""
+    from gpt2tf import fileio
+
+    if len(texts) == 1:
+        sample_delim = ""
+    with fileio.atomic_open(path, "w") as f:
+        for text in texts:
+            f.write(f"{text}\n{sample_delim}")

@@ -1,0 +1,356 @@
+"""OpenAI's byte-level BPE (encoder.json + vocab.bpe), exact, with a native fast path.
+
+Text is first split by GPT-2's regex pre-tokenizer; each piece's UTF-8 bytes are mapped to
+printable characters (`bytes_to_unicode`) and merged pairwise in vocab.bpe's rank order. The
+pure-Python implementation here is the reference. When the two files are byte-for-byte GPT-2's
+(checked by sha256), the same vocabulary is handed to tiktoken's Rust BPE, which gives the same
+ids many times faster; tests compare both paths.
+
+Unlike OpenAI's encoder (and nshepperd's and gpt-2-simple's, which copy it), `<|endoftext|>` in the
+text becomes the single token 50256 instead of seven plain-text tokens. No file I/O here: the
+caller passes the files' bytes (see `gpt2tf.modeldir.load_encoder`).
+"""
+
+import functools
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Sequence
+
+import numpy as np
+import regex
+
+from gpt2tf.errors import UserError
+
+ENDOFTEXT = "<|endoftext|>"
+STARTOFTEXT = "<|startoftext|>"  # gpt-2-simple's document start marker: plain text to GPT-2
+
+GPT2_ENCODER_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_VOCAB_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+
+# OpenAI's pre-tokenizer, unchanged (src/encoder.py). Contractions, letters, numbers and other
+# symbols each take at most one leading space; whitespace before a non-space is left for it.
+PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+_CACHE_SIZE = 1 << 16  # pre-token -> ids entries kept by the pure-Python path
+
+
+@functools.lru_cache(maxsize=None)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable character, used to spell tokens in the JSON.
+
+    Printable Latin-1 bytes map to themselves; the other 68 (controls, space, soft hyphen...)
+    map to 256, 257, ... in byte order. The order of the keys is also GPT-2's id order of the
+    single-byte tokens (ids 0..255).
+    """
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\N{INVERTED EXCLAMATION MARK}"), ord("\N{NOT SIGN}") + 1),
+        *range(ord("\N{REGISTERED SIGN}"), ord("\N{LATIN SMALL LETTER Y WITH DIAERESIS}") + 1),
+    ]
+    mapping = {b: chr(b) for b in printable}
+    shifted = [b for b in range(256) if b not in mapping]
+    for n, b in enumerate(shifted):
+        mapping[b] = chr(256 + n)
+    return mapping
+
+
+def byte_level_vocab() -> tuple[bytes, bytes]:
+    """(encoder.json, vocab.bpe) contents of a 257-token vocabulary: 256 bytes + <|endoftext|>.
+
+    The byte tokens get the ids GPT-2 gives single bytes (0..255); there are no merges, so every
+    UTF-8 byte is one token. Tiny test models use it in place of GPT-2's 50257-token vocabulary.
+    """
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    vocab[ENDOFTEXT] = len(vocab)
+    encoder_json = json.dumps(vocab, ensure_ascii=False).encode("utf-8")
+    return encoder_json, b"#version: 0.2\n"
+
+
+def _replace_surrogates(text: str) -> str:
+    """Lone surrogates have no UTF-8 form: make them U+FFFD, as tiktoken does."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _parse_encoder_json(raw: bytes, source: str) -> dict[str, int]:
+    try:
+        vocab = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{source}: encoder.json is not valid UTF-8 JSON ({e})") from None
+    if not isinstance(vocab, dict) or not vocab:
+        raise UserError(f"{source}: encoder.json must be a non-empty JSON object of token: id")
+    for token, idx in vocab.items():
+        if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+            raise UserError(
+                f"{source}: encoder.json maps {token!r} to {idx!r}; ids must be integers >= 0"
+            )
+    if len(set(vocab.values())) != len(vocab):
+        raise UserError(f"{source}: encoder.json gives two tokens the same id")
+    return vocab
+
+
+def _parse_vocab_bpe(raw: bytes, source: str) -> list[tuple[str, str]]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source}: vocab.bpe is not valid UTF-8 ({e})") from None
+    lines = text.split("\n")
+    first = 1 if lines and lines[0].startswith("#version") else 0
+    merges = []
+    for lineno, line in enumerate(lines[first:], start=first + 1):
+        line = line.rstrip("\r")
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise UserError(
+                f"{source}: vocab.bpe line {lineno} should hold two symbols, got {line[:60]!r}"
+            )
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+class Encoder:
+    """GPT-2's tokenizer: `encode(text) -> ids`, `decode(ids) -> text`.
+
+    `encoder` maps token strings (in bytes_to_unicode spelling) to ids, `bpe_merges` lists the
+    merges best first. `fast=None` uses tiktoken when it is known to give identical ids
+    (`tiktoken_exact`, set by `from_bytes` for GPT-2's own files, or a vocabulary without merges),
+    `fast=False` forces the pure-Python reference, `fast=True` requires tiktoken.
+    """
+
+    def __init__(
+        self,
+        encoder: dict[str, int],
+        bpe_merges: Sequence[tuple[str, str]],
+        *,
+        fast: bool | None = None,
+        tiktoken_exact: bool = False,
+        source: str = "vocabulary",
+    ):
+        self.encoder = dict(encoder)
+        self.decoder = {i: s for s, i in self.encoder.items()}
+        self.bpe_ranks = {pair: rank for rank, pair in enumerate(bpe_merges)}
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {ch: b for b, ch in self.byte_encoder.items()}
+        self.source = source
+        self._check(source)
+
+        # Each piece's UTF-8 bytes, read as Latin-1, become GPT-2's characters in one translate.
+        self._byte_table = {b: ch for b, ch in self.byte_encoder.items()}
+        self._unbyte_table = {ord(ch): b for b, ch in self.byte_encoder.items()}
+        self._byte_chars = frozenset(self.byte_decoder)
+        self._pat = regex.compile(PAT_STR)
+        self._piece_ids = functools.lru_cache(maxsize=_CACHE_SIZE)(self._piece_ids_uncached)
+        self._id_bytes: list[bytes | None] = [None] * self.n_vocab
+        for token, idx in self.encoder.items():
+            self._id_bytes[idx] = self._token_bytes(token)
+
+        exact = tiktoken_exact or not self.bpe_ranks
+        if fast and not exact:
+            raise UserError(
+                f"{source}: the tiktoken fast path is only exact for GPT-2's own vocabulary;"
+                " use fast=None or fast=False"
+            )
+        self._tiktoken = self._build_tiktoken() if (fast is None and exact) or fast else None
+
+    @classmethod
+    def from_bytes(
+        cls,
+        encoder_json: bytes,
+        vocab_bpe: bytes,
+        source: str = "",
+        *,
+        fast: bool | None = None,
+    ) -> "Encoder":
+        """Build from the contents of encoder.json and vocab.bpe; `source` names them in errors."""
+        where = source or "vocabulary"
+        encoder = _parse_encoder_json(encoder_json, where)
+        merges = _parse_vocab_bpe(vocab_bpe, where)
+        is_gpt2 = (
+            _sha256(encoder_json) == GPT2_ENCODER_SHA256
+            and _sha256(vocab_bpe) == GPT2_VOCAB_SHA256
+        )
+        return cls(encoder, merges, fast=fast, tiktoken_exact=is_gpt2, source=where)
+
+    def _check(self, source: str) -> None:
+        missing = [b for b, ch in self.byte_encoder.items() if ch not in self.encoder]
+        if missing:
+            raise UserError(
+                f"{source}: encoder.json lacks {len(missing)} of the 256 byte tokens"
+                f" (e.g. byte {missing[0]}); re-download the model or fix the file"
+            )
+        for (first, second), rank in self.bpe_ranks.items():
+            if first + second not in self.encoder:
+                raise UserError(
+                    f"{source}: vocab.bpe merge {rank + 1} ({first} {second}) makes a token that"
+                    " encoder.json lacks: the two files do not belong together"
+                )
+
+    def _token_bytes(self, token: str) -> bytes:
+        if self._byte_chars.issuperset(token):
+            return token.translate(self._unbyte_table).encode("latin-1")
+        return token.encode("utf-8")  # a special token outside the byte alphabet
+
+    def _build_tiktoken(self):
+        import tiktoken
+
+        # tiktoken ranks whole byte strings: a pair merges when its joined bytes have a rank. With
+        # GPT-2's files (and with no merges at all) that picks the same merges as the pair ranks,
+        # so the mergeable ranks are the 256 bytes plus each merge's result, under their own ids.
+        merged = {first + second for first, second in self.bpe_ranks}
+        ranks = {
+            self._id_bytes[idx]: idx
+            for token, idx in self.encoder.items()
+            if token in self.byte_decoder or token in merged
+        }
+        special = {ENDOFTEXT: self.eot_token} if self.eot_token is not None else {}
+        return tiktoken.Encoding(
+            name=f"gpt2tf:{self.source}",
+            pat_str=PAT_STR,
+            mergeable_ranks=ranks,
+            special_tokens=special,
+        )
+
+    # --- properties -------------------------------------------------------------------------
+
+    @property
+    def n_vocab(self) -> int:
+        """Size of the embedding table this vocabulary needs: the largest id + 1."""
+        return max(self.encoder.values()) + 1
+
+    @property
+    def eot_token(self) -> int | None:
+        """Id of `<|endoftext|>`, or None when the vocabulary has no such token."""
+        return self.encoder.get(ENDOFTEXT)
+
+    @property
+    def is_fast(self) -> bool:
+        """True when encode() runs on tiktoken."""
+        return self._tiktoken is not None
+
+    # --- encoding ---------------------------------------------------------------------------
+
+    def bpe(self, token: str) -> tuple[str, ...]:
+        """Merge one pre-token (in bytes_to_unicode spelling) by rank: lowest-rank pair first."""
+        word = list(token)
+        ranks = self.bpe_ranks
+        while len(word) > 1:
+            best_rank, best = None, None
+            for pair in zip(word, word[1:]):
+                rank = ranks.get(pair)
+                if rank is not None and (best_rank is None or rank < best_rank):
+                    best_rank, best = rank, pair
+            if best is None:
+                break
+            first, second = best
+            merged = []
+            i = 0
+            while i < len(word):
+                # Every occurrence of the best pair merges in one left-to-right pass.
+                if i + 1 < len(word) and word[i] == first and word[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        return tuple(word)
+
+    def _piece_ids_uncached(self, piece: str) -> tuple[int, ...]:
+        spelled = piece.encode("utf-8").decode("latin-1").translate(self._byte_table)
+        return tuple(self.encoder[t] for t in self.bpe(spelled))
+
+    def _encode_ordinary_pure(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for piece in self._pat.findall(text):
+            ids.extend(self._piece_ids(piece))
+        return ids
+
+    def _encode_pure(self, text: str) -> list[int]:
+        eot = self.eot_token
+        if eot is None or ENDOFTEXT not in text:
+            return self._encode_ordinary_pure(text)
+        ids: list[int] = []
+        for n, part in enumerate(text.split(ENDOFTEXT)):
+            if n:
+                ids.append(eot)
+            ids.extend(self._encode_ordinary_pure(part))
+        return ids
+
+    def _allowed_special(self) -> set[str]:
+        return {ENDOFTEXT} if self.eot_token is not None else set()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; each `<|endoftext|>` becomes the single end-of-text id."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        try:
+            return self._encode(text)
+        except UnicodeEncodeError:
+            return self._encode(_replace_surrogates(text))
+
+    def _encode(self, text: str) -> list[int]:
+        if self._tiktoken is not None:
+            return self._tiktoken.encode(text, allowed_special=self._allowed_special())
+        return self._encode_pure(text)
+
+    def encode_batch(self, texts: Iterable[str], *, num_threads: int | None = None) -> list[list[int]]:
+        """encode() of each text; tiktoken encodes them on several threads."""
+        texts = list(texts)
+        if self._tiktoken is not None:
+            return self._tiktoken.encode_batch(
+                texts,
+                num_threads=num_threads or os.cpu_count() or 1,
+                allowed_special=self._allowed_special(),
+            )
+        return [self._encode_pure(t) for t in texts]
+
+    def encode_to_numpy(self, text: str) -> np.ndarray:
+        """encode() as an int32 array, without building a Python list on the fast path."""
+        if self._tiktoken is None:
+            return np.asarray(self.encode(text), dtype=np.int32)
+        special = self._allowed_special()
+        try:
+            ids = self._tiktoken.encode_to_numpy(text, allowed_special=special)
+        except UnicodeEncodeError:
+            ids = self._tiktoken.encode_to_numpy(_replace_surrogates(text), allowed_special=special)
+        return ids.view(np.int32)  # uint32 ids below 2**31: the same bits
+
+    def encode_batch_to_numpy(
+        self, texts: Iterable[str], *, num_threads: int | None = None
+    ) -> list[np.ndarray]:
+        """encode_to_numpy() of each text, on several threads when tiktoken does the work."""
+        texts = list(texts)
+        threads = min(len(texts), num_threads or os.cpu_count() or 1)
+        if self._tiktoken is None or threads <= 1:
+            return [self.encode_to_numpy(t) for t in texts]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(self.encode_to_numpy, texts))
+
+    # --- decoding ---------------------------------------------------------------------------
+
+    def decode_bytes(self, tokens: Iterable[int]) -> bytes:
+        """The raw UTF-8 bytes of `tokens` (a token may end inside a character)."""
+        table = self._id_bytes
+        out = []
+        for t in tokens:
+            t = int(t)
+            piece = table[t] if 0 <= t < len(table) else None
+            if piece is None:
+                raise UserError(f"token id {t} is not in the vocabulary (n_vocab {self.n_vocab})")
+            out.append(piece)
+        return b"".join(out)
+
+    def decode(self, tokens: Iterable[int]) -> str:
+        """Text of `tokens`; bytes that are not valid UTF-8 become U+FFFD, as in OpenAI's."""
+        return self.decode_bytes(tokens).decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        path = "tiktoken" if self.is_fast else "python"
+        return f"Encoder(n_vocab={self.n_vocab}, merges={len(self.bpe_ranks)}, {path})"
