@@ -60,7 +60,12 @@ def run(cmd: list[str], label: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=20.0, help="input size in MB (default 20)")
-    parser.add_argument("--data_dir", type=Path, default=SHARED_DATA, help="encoder.json, vocab.bpe, tinyshakespeare.txt")
+    parser.add_argument(
+        "--data_dir",
+        type=Path,
+        default=SHARED_DATA,
+        help="folder with encoder.json, vocab.bpe, tinyshakespeare.txt (default ../shared/data)",
+    )
     parser.add_argument("--skip_simple", action="store_true", help="time only our encode.py")
     args = parser.parse_args()
 

@@ -26,7 +26,9 @@ def tiny() -> Encoder:
 @pytest.fixture(scope="module")
 def gpt2() -> Encoder:
     data = shared_data_dir()
-    return Encoder.from_bytes((data / "encoder.json").read_bytes(), (data / "vocab.bpe").read_bytes())
+    return Encoder.from_bytes(
+        (data / "encoder.json").read_bytes(), (data / "vocab.bpe").read_bytes()
+    )
 
 
 @pytest.fixture
@@ -95,7 +97,8 @@ def test_encode_folder_sorted_recursive_skips_hidden(tmp_path, tiny):
     stats = encode_to_npz(str(root), str(out), encoder=tiny, progress=False)
     docs = ["alpha", "bravo\n", "charlie<|endoftext|>", "", "echo"]
     assert npz_ids(out) == joined_ids(tiny, docs)
-    assert tiny.decode(npz_ids(out)) == "alpha<|endoftext|>bravo\n<|endoftext|>charlie<|endoftext|>echo"
+    expected = "alpha<|endoftext|>bravo\n<|endoftext|>charlie<|endoftext|>echo"
+    assert tiny.decode(npz_ids(out)) == expected
     assert stats["files"] == 5
 
 
@@ -123,7 +126,11 @@ def test_encode_csv_rows_wrapped_like_gpt2_simple(tmp_path, tiny):
 
 def test_encode_jsonl(tmp_path, tiny):
     src = tmp_path / "data.jsonl"
-    lines = [{"text": "first doc\n"}, {"text": "second 日本", "id": 2}, {"content": "x", "text": "3"}]
+    lines = [
+        {"text": "first doc\n"},
+        {"text": "second 日本", "id": 2},
+        {"content": "x", "text": "3"},
+    ]
     src.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n\n")
     out = tmp_path / "out.npz"
     encode_to_npz(str(src), str(out), encoder=tiny, progress=False)
@@ -264,6 +271,14 @@ def test_encode_errors_leave_nothing(tmp_path, tiny, case, message):
     with pytest.raises(UserError, match=message):
         encode_to_npz(str(src), str(out), encoder=tiny, progress=False, **kwargs)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_rerun_into_the_input_folder(tmp_path, tiny):
+    (tmp_path / "a.txt").write_text("alpha")
+    out = tmp_path / "out.npz"
+    for _ in range(2):  # the second run must not trip over the first run's .npz
+        encode_to_npz(str(tmp_path), str(out), encoder=tiny, progress=False)
+    assert npz_ids(out) == tiny.encode("alpha")
 
 
 def test_error_keeps_an_existing_output(tmp_path, tiny):

@@ -23,7 +23,7 @@ MIXED_CORPUS = {
     "contractions": "I'd've thought you'll say it's they're we've I'm don't 'S 'LL",
     "numbers": "1234567890 3.14159 -42 1,000,000 ½ ⅔ ٣٤٥ 一二三",
     "combining": "e\u0301 a\u0308 n\u0303 \u1e9b\u0323 Z\u0351\u0331a\u0362l\u0344g\u0318o",
-    "mixed_scripts": "Ελληνικά Русский العربية עברית हिन्दी ไทย",
+    "scripts": "Ελληνικά Русский العربية עברית हिन्दी ไทย",
     "special": "<|endoftext|>",
     "special_inside": "before<|endoftext|>after <|endoftext|><|endoftext|>\n",
     "startoftext": "<|startoftext|>Hi<|endoftext|>",

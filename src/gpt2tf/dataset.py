@@ -1,4 +1,4 @@
-"""Training data: text files, folders, globs, .csv and .jsonl -> token ids; .npz in and out; Sampler.
+"""Training data: text, folders, globs, .csv, .jsonl -> token ids; .npz in and out; Sampler.
 
 Everything streams with bounded memory: files are decoded block by block (strictly: a byte that is
 not valid in `encoding` is an error naming the file and offset, never dropped), long texts are cut
@@ -45,7 +45,7 @@ def _is_hidden(path: Path, root: Path) -> bool:
 
 
 def resolve_paths(path: str | os.PathLike) -> list[Path]:
-    """The files `path` names: itself, a folder's files (recursive, sorted, no hidden ones), or a glob."""
+    """The files `path` names: itself, a folder's files (recursive, sorted, not hidden), a glob."""
     text = str(path)
     p = Path(text)
     if p.is_file():
@@ -422,7 +422,10 @@ def encode_to_npz(
 
     start = time.perf_counter()
     out = _check_out_path(out_path)
-    files = resolve_paths(in_path)
+    # Re-running into the input folder must not read the previous output back in.
+    files = [f for f in resolve_paths(in_path) if f.resolve() != out.resolve()]
+    if not files:
+        raise UserError(f"input {in_path} holds no files besides the output {out_path}")
     if encoder is None:
         from gpt2tf.modeldir import load_encoder
 
@@ -459,6 +462,9 @@ def encode_to_npz(
                 raise UserError(f"input {in_path} holds no text to encode")
             raw.flush()
             _write_npz(raw, sink.count, out)
+    except OSError as e:
+        bar.leave = False
+        raise UserError(f"cannot write {out_path}: {e.strerror or e}") from None
     except BaseException:
         bar.leave = False  # the error message alone, not a half-filled bar above it
         raise
@@ -560,7 +566,8 @@ def split_tokens(
     n_val = int(round(total * float(val_fraction)))
     if n_val < 1 or n_val >= total:
         raise UserError(
-            f"val_fraction={val_fraction} of {total} tokens leaves no training or no validation data"
+            f"val_fraction={val_fraction} of {total} tokens leaves no training or no"
+            " validation data"
         )
     train, val = list(chunks), []
     need = n_val
@@ -623,7 +630,7 @@ class Sampler:
         return np.stack([self.sample(length) for _ in range(batch_size)])
 
     def fixed_windows(self, length: int, count: int, seed: int = 0) -> np.ndarray:
-        """[count, length] windows that depend only on the data and `seed`: a fixed validation set."""
+        """[count, length] windows fixed by the data and `seed` alone: a stable validation set."""
         cum = self._cumulative_starts(length)
         rng = np.random.Generator(np.random.PCG64(seed))
         idx = rng.integers(cum[-1], size=count)

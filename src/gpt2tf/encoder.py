@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import regex
@@ -118,16 +118,20 @@ def _parse_vocab_bpe(raw: bytes, source: str) -> list[tuple[str, str]]:
 class Encoder:
     """GPT-2's tokenizer: `encode(text) -> ids`, `decode(ids) -> text`.
 
-    `encoder` maps token strings (in bytes_to_unicode spelling) to ids, `bpe_merges` lists the
-    merges best first. `fast=None` uses tiktoken when it is known to give identical ids
-    (`tiktoken_exact`, set by `from_bytes` for GPT-2's own files, or a vocabulary without merges),
-    `fast=False` forces the pure-Python reference, `fast=True` requires tiktoken.
+    `encoder` maps token strings (in bytes_to_unicode spelling) to ids; `bpe_merges` lists the
+    merges best first, or is a function returning them, called when first needed (GPT-2's fast
+    path never needs them: its files are verified by sha256).
+
+    `fast=None` uses tiktoken when it is known to give identical ids: `tiktoken_exact` (the
+    caller vouches for the files; `from_bytes` sets it for GPT-2's own, by sha256) or a
+    vocabulary without merges. `fast=False` forces the pure-Python reference; `fast=True`
+    requires tiktoken.
     """
 
     def __init__(
         self,
         encoder: dict[str, int],
-        bpe_merges: Sequence[tuple[str, str]],
+        bpe_merges: Sequence[tuple[str, str]] | Callable[[], Sequence[tuple[str, str]]],
         *,
         fast: bool | None = None,
         tiktoken_exact: bool = False,
@@ -135,11 +139,14 @@ class Encoder:
     ):
         self.encoder = dict(encoder)
         self.decoder = {i: s for s, i in self.encoder.items()}
-        self.bpe_ranks = {pair: rank for rank, pair in enumerate(bpe_merges)}
+        self._n_vocab = max(self.encoder.values()) + 1
+        self._merges = bpe_merges
+        self._bpe_ranks: dict[tuple[str, str], int] | None = None
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {ch: b for b, ch in self.byte_encoder.items()}
         self.source = source
-        self._check(source)
+        if not tiktoken_exact:
+            self._check(source)
 
         # Each piece's UTF-8 bytes, read as Latin-1, become GPT-2's characters in one translate.
         self._byte_table = {b: ch for b, ch in self.byte_encoder.items()}
@@ -151,6 +158,7 @@ class Encoder:
         for token, idx in self.encoder.items():
             self._id_bytes[idx] = self._token_bytes(token)
 
+        self._tiktoken_exact = tiktoken_exact
         exact = tiktoken_exact or not self.bpe_ranks
         if fast and not exact:
             raise UserError(
@@ -171,11 +179,14 @@ class Encoder:
         """Build from the contents of encoder.json and vocab.bpe; `source` names them in errors."""
         where = source or "vocabulary"
         encoder = _parse_encoder_json(encoder_json, where)
-        merges = _parse_vocab_bpe(vocab_bpe, where)
         is_gpt2 = (
             _sha256(encoder_json) == GPT2_ENCODER_SHA256
             and _sha256(vocab_bpe) == GPT2_VOCAB_SHA256
         )
+        if is_gpt2:
+            merges = functools.partial(_parse_vocab_bpe, vocab_bpe, where)  # pure path only
+        else:
+            merges = _parse_vocab_bpe(vocab_bpe, where)
         return cls(encoder, merges, fast=fast, tiktoken_exact=is_gpt2, source=where)
 
     def _check(self, source: str) -> None:
@@ -203,12 +214,11 @@ class Encoder:
         # tiktoken ranks whole byte strings: a pair merges when its joined bytes have a rank. With
         # GPT-2's files (and with no merges at all) that picks the same merges as the pair ranks,
         # so the mergeable ranks are the 256 bytes plus each merge's result, under their own ids.
-        merged = {first + second for first, second in self.bpe_ranks}
-        ranks = {
-            self._id_bytes[idx]: idx
-            for token, idx in self.encoder.items()
-            if token in self.byte_decoder or token in merged
-        }
+        if self._tiktoken_exact:
+            mergeable = {tok for tok in self.encoder if tok != ENDOFTEXT}
+        else:  # no merges: the 256 bytes alone
+            mergeable = set(self.byte_decoder)
+        ranks = {self._id_bytes[self.encoder[tok]]: self.encoder[tok] for tok in mergeable}
         special = {ENDOFTEXT: self.eot_token} if self.eot_token is not None else {}
         return tiktoken.Encoding(
             name=f"gpt2tf:{self.source}",
@@ -220,9 +230,18 @@ class Encoder:
     # --- properties -------------------------------------------------------------------------
 
     @property
+    def bpe_ranks(self) -> dict[tuple[str, str], int]:
+        """Merge pair -> rank (lower merges first), as OpenAI's encoder holds them."""
+        if self._bpe_ranks is None:
+            merges = self._merges() if callable(self._merges) else self._merges
+            self._bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
+            self._merges = None
+        return self._bpe_ranks
+
+    @property
     def n_vocab(self) -> int:
         """Size of the embedding table this vocabulary needs: the largest id + 1."""
-        return max(self.encoder.values()) + 1
+        return self._n_vocab
 
     @property
     def eot_token(self) -> int | None:
@@ -300,7 +319,9 @@ class Encoder:
             return self._tiktoken.encode(text, allowed_special=self._allowed_special())
         return self._encode_pure(text)
 
-    def encode_batch(self, texts: Iterable[str], *, num_threads: int | None = None) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Iterable[str], *, num_threads: int | None = None
+    ) -> list[list[int]]:
         """encode() of each text; tiktoken encodes them on several threads."""
         texts = list(texts)
         if self._tiktoken is not None:
