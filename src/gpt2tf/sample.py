@@ -20,23 +20,25 @@ TOP_P_OFF = 2.0
 
 
 class KVCache:
-    """Keys and values of every layer, [B, H, n_ctx, D] each, in non-trainable variables.
+    """Keys and values of every layer in non-trainable variables, time-major [n_ctx, B, H, D].
 
-    One variable per layer and per k/v: an assignment then never waits on (or copies for) a
-    read of another layer's cache still in flight.
+    Writes are in-place row scatters at pos..pos+T-1 and reads gather rows 0..pos+T-1, so a step
+    touches only the positions it needs. (A dense read after a slice-assign would copy the
+    whole variable every step: TF keeps sparsely-written variables in copy-on-read mode.)
+    One variable per layer and per k/v, so no write waits on another layer's reads.
     """
 
     def __init__(self, hparams: HParams, pos: tf.Tensor, scope: str = "kv_cache"):
         self.hparams = hparams
         self.pos = pos  # int32 scalar: the first cache slot this step writes
-        shape = tf.TensorShape([None, hparams.n_head, hparams.n_ctx, hparams.head_dim])
+        shape = tf.TensorShape([hparams.n_ctx, None, hparams.n_head, hparams.head_dim])
         with tf1.variable_scope(scope):
             self.keys, self.values = [], []
             for i in range(hparams.n_layer):
                 for store, name in ((self.keys, "k"), (self.values, "v")):
                     store.append(
                         tf1.Variable(
-                            tf.zeros([0, hparams.n_head, hparams.n_ctx, hparams.head_dim]),
+                            tf.zeros([hparams.n_ctx, 0, hparams.n_head, hparams.head_dim]),
                             shape=shape, trainable=False, use_resource=True,
                             collections=[tf1.GraphKeys.LOCAL_VARIABLES],
                             name=f"h{i}_{name}",
@@ -46,19 +48,21 @@ class KVCache:
     def reset_op(self, batch_size: tf.Tensor) -> tf.Operation:
         """(Re)allocate the cache for `batch_size` rows. Stale contents are never read."""
         zeros = tf.zeros(
-            [batch_size, self.hparams.n_head, self.hparams.n_ctx, self.hparams.head_dim]
+            [self.hparams.n_ctx, batch_size, self.hparams.n_head, self.hparams.head_dim]
         )
         return tf.group([v.assign(zeros) for v in self.keys + self.values])
 
     def update(self, layer: int, k: tf.Tensor, v: tf.Tensor):
-        """Write k, v ([B, H, T, D]) at pos..pos+T-1; return all keys/values [B, H, pos+T, D]."""
-        t = tf.shape(k)[2]
-        end = self.pos + t
+        """Write k, v ([B, T, H, D]) at pos..pos+T-1; return all keys/values [B, H, pos+T, D]."""
+        t = tf.shape(k)[1]
+        slots = self.pos + tf.range(t)  # [T]
+        visible = tf.range(self.pos + t)  # [S]
         out = []
         for var, new in ((self.keys[layer], k), (self.values[layer], v)):
-            write = var[:, :, self.pos:end, :].assign(new)
+            write = tf1.scatter_update(var, slots, tf.transpose(new, [1, 0, 2, 3]))  # [T, B, H, D]
             with tf.control_dependencies([write]):
-                out.append(var.read_value()[:, :, :end, :])
+                rows = var.sparse_read(visible)  # [S, B, H, D]
+            out.append(tf.transpose(rows, [1, 2, 0, 3]))  # [B, H, S, D]
         return out[0], out[1]
 
 
