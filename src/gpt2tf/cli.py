@@ -265,15 +265,35 @@ encode_main = _script(encode)
 generate_main = _script(generate)
 interactive_main = _script(interactive)
 
-COMMANDS = {
-    "download": download,
-    "encode": encode,
-    "init": init,
-    "generate": generate,
-    "interactive": interactive,
-}
+
+def commands() -> dict:
+    """Every verb of the `gpt2tf` command. Command modules import TensorFlow lazily."""
+    from gpt2tf import convert, serve, trainer
+
+    return {
+        "download": download,
+        "encode": encode,
+        "init": init,
+        "train": trainer.train_cli,
+        "generate": generate,
+        "interactive": interactive,
+        "serve": serve.serve_cli,
+        "convert": {"to-hf": convert.to_hf_cli, "from-hf": convert.from_hf_cli},
+    }
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    from gpt2tf import trainer
+
+    return run_cli(trainer.train_cli, argv, name="train")
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    from gpt2tf import serve
+
+    return run_cli(serve.serve_cli, argv, name="serve")
 
 
 def main(argv: list[str] | None = None) -> int:
     """The `gpt2tf` console command: one verb per workflow step."""
-    return run_cli(COMMANDS, argv, name="gpt2tf")
+    return run_cli(commands(), argv, name="gpt2tf")
