@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from gpt2tf import checkpoints, model, modeldir, paths, sample
 from gpt2tf.errors import UserError
+from gpt2tf.hparams import HParams
 
 tf1 = tf.compat.v1
 log = logging.getLogger(__name__)
@@ -83,54 +84,25 @@ def session_config(threads: int | None = None) -> tf1.ConfigProto:
     return config
 
 
-class Generator:
-    """A loaded model that samples text; owns its tf.Graph and tf.Session."""
+class Decoder:
+    """The decode-step nodes, built into the current graph over the model's variables.
 
-    def __init__(
-        self,
-        model_dir: str | os.PathLike,
-        *,
-        checkpoint: str | None = None,
-        threads: int | None = None,
-    ):
-        self.model_dir = modeldir.check_dir(model_dir)
-        self.hparams = modeldir.load_hparams(self.model_dir)
-        self.encoder = modeldir.load_encoder(self.model_dir)
-        if self.encoder.n_vocab > self.hparams.n_vocab:
-            raise UserError(
-                f"{self.model_dir}: the vocabulary has {self.encoder.n_vocab} tokens but"
-                f" hparams.json n_vocab={self.hparams.n_vocab}; the files do not belong together"
-            )
-        prefix = checkpoint or modeldir.latest_checkpoint(self.model_dir)
-        self.checkpoint = prefix
-        self.graph = tf.Graph()
-        with self.graph.as_default():
-            self._build()
-        self.session = tf1.Session(graph=self.graph, config=session_config(threads))
-        checkpoints.restore(self.session, prefix, self._saver, self.hparams)
-        self._cache_rows = None
+    Generator uses one; the trainer builds one into its training graph to sample from the
+    weights being trained. `session` is passed to each call: the decoder owns no session.
+    """
 
-    @classmethod
-    def from_model(cls, model_name: str, models_dir: str = paths.DEFAULT_MODELS_DIR, **kw):
-        return cls(paths.model_path(models_dir, model_name), **kw)
-
-    @classmethod
-    def from_run(cls, run_name: str, checkpoint_dir: str = paths.DEFAULT_CHECKPOINT_DIR, **kw):
-        return cls(paths.run_path(checkpoint_dir, run_name), **kw)
-
-    def _build(self) -> None:
-        hp = self.hparams
+    def __init__(self, hparams: HParams, encoder):
+        hp = self.hparams = hparams
+        self.encoder = encoder
         self._tokens = tf1.placeholder(tf.int32, [None, None], name="tokens")  # [B, T]
         self._pos = tf1.placeholder(tf.int32, [], name="pos")
         self._pad = tf1.placeholder(tf.int32, [None], name="pad")  # [B]
         self._rows = tf1.placeholder(tf.int32, [], name="rows")
         self._cache = sample.KVCache(hp, self._pos)
         self._reset = self._cache.reset_op(self._rows)
-        out = model.model(
+        logits = model.model(
             hp, self._tokens, cache=self._cache, pos=self._pos, pad=self._pad, last_only=True
-        )
-        logits = out["logits"]  # [B, V]
-        self._step_logits = logits
+        )["logits"]  # [B, V]
         self._temperature = tf1.placeholder(tf.float32, [None], name="temperature")
         self._top_k = tf1.placeholder(tf.int32, [None], name="top_k")
         self._top_p = tf1.placeholder(tf.float32, [None], name="top_p")
@@ -143,26 +115,7 @@ class Generator:
             logits, temperature=self._temperature, top_k=self._top_k, top_p=self._top_p,
             k_max=self._k_max, uniform=self._uniform,
         )
-        self._saver = checkpoints.make_saver(model.model_variables())
-        # Scoring graph (full causal forward, no cache) for tests and evaluation.
-        self._score_tokens = tf1.placeholder(tf.int32, [None, None], name="score_tokens")
-        self._score_logits = model.model(hp, self._score_tokens)["logits"]
-        self.graph.finalize()  # nothing may add nodes later: no slow-down across calls
-
-    def close(self) -> None:
-        self.session.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    # --- low level -------------------------------------------------------------------------
-
-    def logits(self, tokens: Sequence[Sequence[int]]) -> np.ndarray:
-        """Full forward pass: [B, T] ids -> [B, T, V] logits."""
-        return self.session.run(self._score_logits, {self._score_tokens: np.asarray(tokens)})
+        self._cache_rows = {}  # session -> rows the cache is allocated for
 
     def check_tokens(self, tokens: Sequence[int]) -> None:
         bad = [t for t in tokens if not 0 <= t < self.hparams.n_vocab]
@@ -179,7 +132,7 @@ class Generator:
             context = context[-limit:]
         return context
 
-    def _prefill_feed(self, contexts: list[list[int]]) -> dict:
+    def _prefill_feed(self, contexts: list[list[int]]):
         width = max(len(c) for c in contexts)
         pad = np.array([width - len(c) for c in contexts], np.int32)
         tokens = np.zeros([len(contexts), width], np.int32)
@@ -187,8 +140,24 @@ class Generator:
             tokens[i, pad[i]:] = c
         return {self._tokens: tokens, self._pos: 0, self._pad: pad}, pad, width
 
+    def _sampler_feed(self, params: Sequence[SamplingParams]):
+        """The sampling op to run and its feeds: the cheap one unless some row filters."""
+        hp = self.hparams
+        feed = {self._temperature: np.array([p.temperature for p in params], np.float32)}
+        if not any(p.filtered for p in params):
+            return self._plain, feed
+        # Top-k needs only the k best; a row with top-p alone needs the full sort.
+        full = any(p.top_k == 0 for p in params)
+        feed[self._k_max] = hp.n_vocab if full else min(max(p.top_k for p in params), hp.n_vocab)
+        feed[self._top_k] = np.array([p.top_k for p in params], np.int32)
+        feed[self._top_p] = np.array(
+            [p.top_p if 0 < p.top_p < 1 else sample.TOP_P_OFF for p in params], np.float32
+        )
+        return self._filtered, feed
+
     def stream(
         self,
+        session,
         contexts: Sequence[Sequence[int]],
         *,
         length: int,
@@ -214,42 +183,30 @@ class Generator:
                 raise UserError("empty prompt: give at least one token")
             self.check_tokens(c)
             seqs.append(self._fit_context(c))
-        hp = self.hparams
-        feed = {
-            self._temperature: np.array([p.temperature for p in params], np.float32),
-        }
-        if any(p.filtered for p in params):
-            fetch = self._filtered
-            full = any(p.top_k == 0 for p in params)
-            feed[self._k_max] = hp.n_vocab if full else min(max(p.top_k for p in params), hp.n_vocab)
-            feed[self._top_k] = np.array([p.top_k for p in params], np.int32)
-            feed[self._top_p] = np.array(
-                [p.top_p if 0 < p.top_p < 1 else sample.TOP_P_OFF for p in params], np.float32
-            )
-        else:
-            fetch = self._plain
-        if self._cache_rows != rows:
-            self.session.run(self._reset, {self._rows: rows})
-            self._cache_rows = rows
+        fetch, feed = self._sampler_feed(params)
+        if self._cache_rows.get(session) != rows:
+            session.run(self._reset, {self._rows: rows})
+            self._cache_rows[session] = rows
 
+        n_ctx = self.hparams.n_ctx
+        keep = n_ctx - n_ctx // 4
         step_feed, pad, pos = self._prefill_feed(seqs)
-        keep = hp.n_ctx - hp.n_ctx // 4
         for step in range(length):
             feed[self._uniform] = np.array([r.random() for r in rngs], np.float32)
-            new = self.session.run(fetch, {**feed, **step_feed})
+            new = session.run(fetch, {**feed, **step_feed})
             for s, t in zip(seqs, new):
                 s.append(int(t))
             yield new
             if step == length - 1:
                 break
-            if pos >= hp.n_ctx:  # the window is full: slide it
+            if pos >= n_ctx:  # the window is full: slide it
                 seqs = [s[-keep:] for s in seqs]
                 step_feed, pad, pos = self._prefill_feed(seqs)
             else:
-                step_feed = {self._tokens: new[:, None].astype(np.int32), self._pos: pos, self._pad: pad}
+                step_feed = {
+                    self._tokens: new[:, None].astype(np.int32), self._pos: pos, self._pad: pad
+                }
                 pos += 1
-
-    # --- high level ------------------------------------------------------------------------
 
     def encode_prompt(self, prefix: str | None) -> list[int]:
         """A prompt's ids; no prompt means <|endoftext|>, the token GPT-2 starts documents with."""
@@ -259,26 +216,9 @@ class Generator:
             raise UserError("this vocabulary has no <|endoftext|> token: give a --prefix")
         return [self.encoder.eot_token]
 
-    def generate_tokens(
-        self,
-        context: Sequence[int],
-        *,
-        nsamples: int = 1,
-        batch_size: int = 1,
-        length: int = 1023,
-        params: SamplingParams = SamplingParams(),
-        seed: int | None = None,
-        stop_at_eot: bool = True,
-        truncate: str | None = None,
-    ) -> list[list[int]]:
-        """`nsamples` continuations of one prompt, `batch_size` at a time (any nsamples)."""
-        return [s.tokens for s in self.iter_samples(
-            context, nsamples=nsamples, batch_size=batch_size, length=length, params=params,
-            seed=seed, stop_at_eot=stop_at_eot, truncate=truncate,
-        )]
-
     def iter_samples(
         self,
+        session,
         context: Sequence[int],
         *,
         nsamples: int = 1,
@@ -289,8 +229,12 @@ class Generator:
         stop_at_eot: bool = True,
         truncate: str | None = None,
         on_token=None,
-    ):
-        """Yield `Sample`s as batches finish. on_token(row, text) streams each row's new text."""
+    ) -> Iterator["Sample"]:
+        """Yield `Sample`s as batches finish (any nsamples, `batch_size` at a time).
+
+        Sample i uses the random stream sample_seed(seed, i), so it does not depend on the
+        batch size. on_token(row, text) streams each row's new text.
+        """
         nsamples = check_positive("nsamples", nsamples)
         batch_size = check_positive("batch_size", batch_size)
         length = check_positive("length", length)
@@ -301,7 +245,9 @@ class Generator:
             rows = min(batch_size, nsamples - index)
             rngs = [sample_seed(seed, index + r) for r in range(rows)]
             batch = [Sample(self.encoder, truncate) for _ in range(rows)]
-            steps = self.stream([list(context)] * rows, length=length, params=params, rngs=rngs)
+            steps = self.stream(
+                session, [list(context)] * rows, length=length, params=params, rngs=rngs
+            )
             try:
                 for new in steps:
                     for r, t in enumerate(new):
@@ -312,9 +258,75 @@ class Generator:
                         break
             finally:
                 steps.close()
-            for s in batch:
-                yield s
+            yield from batch
             index += rows
+
+
+class Generator:
+    """A loaded model that samples text; owns its tf.Graph and tf.Session."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        checkpoint: str | None = None,
+        threads: int | None = None,
+    ):
+        self.model_dir = modeldir.check_dir(model_dir)
+        self.hparams = modeldir.load_hparams(self.model_dir)
+        self.encoder = modeldir.load_encoder(self.model_dir)
+        if self.encoder.n_vocab > self.hparams.n_vocab:
+            raise UserError(
+                f"{self.model_dir}: the vocabulary has {self.encoder.n_vocab} tokens but"
+                f" hparams.json n_vocab={self.hparams.n_vocab}; the files do not belong together"
+            )
+        self.checkpoint = checkpoint or modeldir.latest_checkpoint(self.model_dir)
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            self.decoder = Decoder(self.hparams, self.encoder)
+            self._saver = checkpoints.make_saver(model.model_variables())
+            # Scoring graph (full causal forward, no cache) for tests and evaluation.
+            self._score_tokens = tf1.placeholder(tf.int32, [None, None], name="score_tokens")
+            self._score_logits = model.model(self.hparams, self._score_tokens)["logits"]
+        self.graph.finalize()  # nothing may add nodes later: no slow-down across calls
+        self.session = tf1.Session(graph=self.graph, config=session_config(threads))
+        checkpoints.restore(self.session, self.checkpoint, self._saver, self.hparams)
+
+    @classmethod
+    def from_model(cls, model_name: str, models_dir: str = paths.DEFAULT_MODELS_DIR, **kw):
+        return cls(paths.model_path(models_dir, model_name), **kw)
+
+    @classmethod
+    def from_run(cls, run_name: str, checkpoint_dir: str = paths.DEFAULT_CHECKPOINT_DIR, **kw):
+        return cls(paths.run_path(checkpoint_dir, run_name), **kw)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def logits(self, tokens: Sequence[Sequence[int]]) -> np.ndarray:
+        """Full forward pass: [B, T] ids -> [B, T, V] logits."""
+        return self.session.run(self._score_logits, {self._score_tokens: np.asarray(tokens)})
+
+    def encode_prompt(self, prefix: str | None) -> list[int]:
+        return self.decoder.encode_prompt(prefix)
+
+    def stream(self, contexts, *, length, params, rngs) -> Iterator[np.ndarray]:
+        """See Decoder.stream."""
+        return self.decoder.stream(self.session, contexts, length=length, params=params, rngs=rngs)
+
+    def iter_samples(self, context, **kwargs) -> Iterator["Sample"]:
+        """See Decoder.iter_samples."""
+        return self.decoder.iter_samples(self.session, context, **kwargs)
+
+    def generate_tokens(self, context: Sequence[int], **kwargs) -> list[list[int]]:
+        """Token ids of `nsamples` continuations of one prompt (see Decoder.iter_samples)."""
+        return [s.tokens for s in self.iter_samples(context, **kwargs)]
 
 
 class Sample:
@@ -354,7 +366,7 @@ DEFAULT_SAMPLE_DELIM = "=" * 20 + "\n"
 
 
 def generate_texts(
-    gen: Generator,
+    gen: "Generator",
     *,
     prefix: str | None = None,
     nsamples: int = 1,
