@@ -1,0 +1,38 @@
+# The two set-up commands of the README:
+#   make demo   download 124M, encode a text, fine-tune a few dozen steps, sample from the run
+#   make test   install everything the tests need, then run the whole suite
+PYTHON ?= python3
+MODEL ?= 124M
+DEMO_TEXT ?= ../shared/data/tinyshakespeare.txt
+DEMO_STEPS ?= 30
+DEMO_RUN ?= demo
+
+.PHONY: install install-test demo test bench
+
+install:
+	$(PYTHON) -m pip install -q -e .
+
+# Reference packages the tests compare against (never runtime dependencies):
+# transformers on the CPU build of torch that lies on disk, gpt-2-simple without its
+# stale pins, playwright driving Debian's chromium for the browser test.
+install-test: install
+	$(PYTHON) -m pip install -q -e '.[test,serve]' 'torch==2.13.0' transformers openai playwright
+	$(PYTHON) -m pip install -q --no-deps gpt-2-simple==0.8.1 toposort
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+demo: install
+	$(PYTHON) download_model.py $(MODEL)
+	$(PYTHON) -c "import pathlib,sys; p=pathlib.Path('$(DEMO_TEXT)'); sys.exit(0 if p.is_file() else 'demo text $(DEMO_TEXT) not found: pass DEMO_TEXT=path/to/text.txt')"
+	$(PYTHON) encode.py $(DEMO_TEXT) data/demo.npz --model_name $(MODEL)
+	PYTHONPATH=src $(PYTHON) train.py --dataset data/demo.npz --model_name $(MODEL) --run_name $(DEMO_RUN) --steps $(DEMO_STEPS) --sample_every 0 --save_every $(DEMO_STEPS) --restore_from latest
+	$(PYTHON) generate_unconditional.py --run_name $(DEMO_RUN) --nsamples 3 --length 100 --top_k 40 --seed 1
+
+test: install-test
+	GPT2TF_REQUIRE_SHARED=1 GPT2TF_REQUIRE_REFERENCE=1 GPT2TF_REQUIRE_BROWSER=1 \
+		$(PYTHON) -m pytest -q -p no:cacheprovider
+
+bench:
+	$(PYTHON) benchmarks/bench_generate.py
+	$(PYTHON) benchmarks/bench_encode.py
+	$(PYTHON) benchmarks/bench_train.py
+	$(PYTHON) benchmarks/bench_serve.py
