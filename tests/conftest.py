@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny GPT-2 model directories made by the project's own `init`."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+from gpt2tf.hparams import HParams  # noqa: E402
+
+TINY = HParams(n_vocab=257, n_ctx=64, n_embd=32, n_head=4, n_layer=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """models/tiny/: a random 2-layer model with the byte-level vocabulary (no ../shared needed)."""
+    from gpt2tf import checkpoints
+
+    models = tmp_path_factory.mktemp("models")
+    checkpoints.init_model_dir(models / "tiny", TINY, seed=1)
+    return models / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_model_dir):
+    from gpt2tf.inference import Generator
+
+    gen = Generator(tiny_model_dir)
+    yield gen
+    gen.close()

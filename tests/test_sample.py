@@ -1,0 +1,95 @@
+"""The samplers: top-k, top-p (nucleus), temperature, per-row settings, inverse-CDF picks."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gpt2tf import sample
+
+tf1 = tf.compat.v1
+
+
+@pytest.fixture(scope="module")
+def run_sampler():
+    graph = tf.Graph()
+    with graph.as_default():
+        logits = tf1.placeholder(tf.float32, [None, None])
+        temperature = tf1.placeholder(tf.float32, [None])
+        top_k = tf1.placeholder(tf.int32, [None])
+        top_p = tf1.placeholder(tf.float32, [None])
+        k_max = tf1.placeholder(tf.int32, [])
+        uniform = tf1.placeholder(tf.float32, [None])
+        plain = sample.sample_plain(logits, temperature=temperature, uniform=uniform)
+        filtered = sample.sample_filtered(
+            logits, temperature=temperature, top_k=top_k, top_p=top_p, k_max=k_max,
+            uniform=uniform,
+        )
+    sess = tf1.Session(graph=graph)
+
+    def run(l, u, temp=None, k=None, p=None):
+        l = np.asarray(l, np.float32)
+        b, v = l.shape
+        feed = {logits: l, uniform: np.asarray(u, np.float32),
+                temperature: np.asarray(temp if temp is not None else [1.0] * b, np.float32)}
+        if k is None and p is None:
+            return sess.run(plain, feed)
+        k = list(k if k is not None else [0] * b)
+        p = [x if 0 < x < 1 else sample.TOP_P_OFF for x in (p if p is not None else [1.0] * b)]
+        feed.update({top_k: k, top_p: p, k_max: v if 0 in k else max(k)})
+        return sess.run(filtered, feed)
+
+    yield run
+    sess.close()
+
+
+def test_top_k_1_is_argmax(run_sampler):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=[5, 50])
+    for u in (0.0, 0.5, 0.999):
+        got = run_sampler(logits, [u] * 5, k=[1] * 5)
+        np.testing.assert_array_equal(got, logits.argmax(-1))
+
+
+def test_inverse_cdf_plain_matches_probabilities(run_sampler):
+    # probs [0.1, 0.2, 0.7]: u in [0, .1) -> 0, [.1, .3) -> 1, [.3, 1) -> 2
+    logits = np.log([[0.1, 0.2, 0.7]] * 6)
+    got = run_sampler(logits, [0.0, 0.05, 0.15, 0.29, 0.31, 0.99])
+    np.testing.assert_array_equal(got, [0, 0, 1, 1, 2, 2])
+
+
+def test_top_k_keeps_only_k_best(run_sampler):
+    logits = np.log([[0.05, 0.4, 0.05, 0.3, 0.2]] * 200)
+    u = np.linspace(0, 0.999, 200)
+    got = run_sampler(logits, u, k=[2] * 200)
+    assert set(got) == {1, 3}
+    # renormalised: 0.4/0.7 of the mass goes to token 1
+    assert abs((got == 1).mean() - 0.4 / 0.7) < 0.02
+
+
+def test_top_p_smallest_set_reaching_p(run_sampler):
+    logits = np.log([[0.5, 0.3, 0.15, 0.05]] * 300)
+    u = np.linspace(0, 0.999, 300)
+    assert set(run_sampler(logits, u, p=[0.8] * 300)) == {0, 1}  # 0.5 + 0.3 reaches 0.8
+    assert set(run_sampler(logits, u, p=[0.81] * 300)) == {0, 1, 2}
+    assert set(run_sampler(logits, u, p=[0.1] * 300)) == {0}  # always at least one token
+
+
+def test_top_k_then_top_p(run_sampler):
+    logits = np.log([[0.4, 0.3, 0.2, 0.1]] * 300)
+    u = np.linspace(0, 0.999, 300)
+    # top-k 3 renormalises to [4/9, 3/9, 2/9]; top-p 0.7 then keeps 4/9 + 3/9 = 0.78
+    assert set(run_sampler(logits, u, k=[3] * 300, p=[0.7] * 300)) == {0, 1}
+
+
+def test_per_row_settings(run_sampler):
+    logits = np.log([[0.4, 0.3, 0.2, 0.1]] * 3)
+    u = [0.99, 0.99, 0.99]
+    got = run_sampler(logits, u, k=[1, 0, 2], p=[1.0, 0.5, 1.0])
+    np.testing.assert_array_equal(got, [0, 1, 1])
+
+
+def test_temperature_sharpens(run_sampler):
+    logits = np.log([[0.6, 0.4]] * 2)
+    # at T=0.1 token 0 has ~98% of the mass; u=0.95 still picks it; at T=1 it picks token 1
+    got = run_sampler(logits, [0.95, 0.95], temp=[0.1, 1.0])
+    np.testing.assert_array_equal(got, [0, 1])
