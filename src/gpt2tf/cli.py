@@ -96,7 +96,7 @@ def encode(
     """Encode text files, a folder, a glob, .csv or .jsonl into an .npz of token ids."""
     from gpt2tf import dataset
 
-    dataset.encode_to_npz(
+    stats = dataset.encode_to_npz(
         str(in_path),
         str(out_path),
         model_dir=None,
@@ -105,6 +105,12 @@ def encode(
         encoding=encoding,
         column=column,
         field=field,
+    )
+    mb = stats["bytes"] / 1e6
+    print(
+        f"wrote {stats['tokens']:,} tokens from {stats['documents']} documents"
+        f" ({mb:.1f} MB, {mb / max(stats['seconds'], 1e-9):.1f} MB/s) to {stats['out_path']}",
+        file=sys.stderr,
     )
 
 
