@@ -1,11 +1,545 @@
-"""Conversion between OpenAI-layout model directories and HuggingFace GPT-2 directories (placeholder)."""
+"""Conversion between OpenAI-layout model directories and HuggingFace GPT-2 directories.
+
+`to_hf` turns a model or run directory into what `transformers.GPT2LMHeadModel` and
+`AutoTokenizer.from_pretrained` load offline: model.safetensors, config.json, vocab.json,
+merges.txt and the small tokenizer/generation files. It never imports PyTorch.
+
+`from_hf` goes the other way: a HuggingFace GPT-2 directory (model.safetensors, sharded or not, or
+pytorch_model.bin when PyTorch is installed) becomes OpenAI's seven-file layout, which our train,
+generate and serve commands load directly.
+
+The two layouts hold the same numbers under different names. HF's `Conv1D` stores its weight as
+[in, out], like OpenAI's conv1d [1, nx, nf] without the leading 1, so no matrix is transposed
+and `from_hf(to_hf(d))` reproduces `d` bit for bit.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from gpt2tf import fileio, modeldir, paths
+from gpt2tf.encoder import ENDOFTEXT, GPT2_ENCODER_SHA256
+from gpt2tf.errors import UserError
+from gpt2tf.hparams import HParams
+
+# HuggingFace file names (ours are in gpt2tf.paths).
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+HF_WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded safetensors (large models)
+HF_TORCH_WEIGHTS = "pytorch_model.bin"
+HF_TORCH_WEIGHTS_INDEX = "pytorch_model.bin.index.json"
+HF_VOCAB = "vocab.json"  # = OpenAI's encoder.json
+HF_MERGES = "merges.txt"  # = OpenAI's vocab.bpe
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_SPECIAL_TOKENS = "special_tokens_map.json"
+HF_GENERATION_CONFIG = "generation_config.json"
+
+PREFIX = "transformer."  # GPT2LMHeadModel's name for the GPT2Model inside it
+LM_HEAD = "lm_head.weight"
+# Causal-mask buffers that old PyTorch checkpoints saved; they are not weights.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+# Both are GPT-2's tanh approximation, the only activation OpenAI's graph has.
+GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
+LAYER_NORM_EPSILON = 1e-5  # gpt2tf.model.norm's epsilon
+VERSION_HEADER = b"#version: 0.2\n"
+
+# TensorFlow, safetensors and torch are imported inside the functions that need them: the
+# `gpt2tf` command imports this module for every verb, and `download` should not wait for TF.
+
+
+# === Names ===
+
+
+def hf_name(name: str) -> str:
+    """OpenAI's checkpoint name -> GPT2LMHeadModel's state-dict name.
+
+    model/wte -> transformer.wte.weight,
+    model/h3/attn/c_attn/w -> transformer.h.3.attn.c_attn.weight; g/w -> weight, b -> bias.
+    """
+    parts = name.split("/")
+    assert parts[0] == "model", name
+    parts = parts[1:]
+    if parts[0].startswith("h") and parts[0][1:].isdigit():
+        parts[0:1] = ["h", parts[0][1:]]
+    leaf = parts[-1]
+    if leaf in ("wte", "wpe"):
+        parts.append("weight")
+    else:
+        parts[-1] = {"g": "weight", "w": "weight", "b": "bias"}[leaf]
+    return PREFIX + ".".join(parts)
+
+
+def expected_shapes(hparams: HParams) -> dict[str, list[int]]:
+    """OpenAI checkpoint name -> shape of every weight."""
+    from gpt2tf import model
+
+    return model.variable_shapes(hparams)
+
+
+# === OpenAI layout -> HuggingFace ===
+
+
+def to_hf(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write a HuggingFace GPT-2 directory from a model or run directory; returns out_dir.
+
+    `out_dir` must not exist or be empty. It is written as a temporary sibling folder and renamed
+    at the end, so it never holds half a model.
+    """
+    from safetensors.numpy import save_file
+
+    from gpt2tf import checkpoints
+
+    src_dir = modeldir.check_dir(src_dir)
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    hparams = modeldir.load_hparams(src_dir)
+    encoder_json, vocab_bpe = modeldir.read_vocab_files(src_dir)
+    eot = eot_id(encoder_json, hparams, source=str(src_dir / paths.ENCODER))
+    prefix = modeldir.latest_checkpoint(src_dir)
+    checkpoints.check_compatible(prefix, hparams)
+    weights = checkpoints.read_weights(prefix)
+
+    tensors = {}
+    for name, shape in expected_shapes(hparams).items():
+        w = np.asarray(weights[name], dtype=np.float32)
+        if len(shape) == 3:  # conv1d [1, nx, nf] -> HF Conv1D [nx, nf], same order
+            w = w.reshape(shape[1:])
+        tensors[hf_name(name)] = np.ascontiguousarray(w)
+    # No lm_head.weight: it is wte (tie_word_embeddings), and safetensors refuses to store one
+    # tensor under two names; transformers re-ties it on load.
+
+    tmp = make_temp_sibling(out_dir)
+    try:
+        # "format": "pt" is what transformers checks before it trusts a safetensors file.
+        save_file(tensors, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
+        fsync_file(tmp / HF_WEIGHTS)
+        fileio.write_json(tmp / HF_CONFIG, hf_config(hparams, eot))
+        fileio.write_json(tmp / HF_GENERATION_CONFIG, generation_config(eot))
+        fileio.write_json(tmp / HF_TOKENIZER_CONFIG, tokenizer_config(hparams, eot))
+        fileio.write_json(tmp / HF_SPECIAL_TOKENS, special_tokens_map(eot))
+        # The vocabulary files are the same formats under other names: copy the bytes.
+        for name, content in ((HF_VOCAB, encoder_json), (HF_MERGES, vocab_bpe)):
+            with fileio.atomic_open(tmp / name, "wb") as f:
+                f.write(content)
+        publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def eot_id(encoder_json: bytes, hparams: HParams, *, source: str) -> int | None:
+    """The id of <|endoftext|> (None if the vocabulary has none); checks the vocabulary fits."""
+    try:
+        vocab = json.loads(encoder_json.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{source} is not valid UTF-8 JSON ({e}); re-download the model") from None
+    if not isinstance(vocab, dict) or not vocab:
+        raise UserError(f"{source} must be a non-empty JSON object of token: id")
+    ids = [i for i in vocab.values() if isinstance(i, int) and not isinstance(i, bool)]
+    if len(ids) != len(vocab) or min(ids) < 0:
+        raise UserError(f"{source}: every id must be an integer >= 0")
+    if max(ids) >= hparams.n_vocab:
+        raise UserError(
+            f"{source} has token id {max(ids)} but hparams n_vocab={hparams.n_vocab}:"
+            " the vocabulary does not belong to this model"
+        )
+    return vocab.get(ENDOFTEXT)
+
+
+def hf_config(hparams: HParams, eot: int | None) -> dict:
+    """config.json for GPT2LMHeadModel, spelling out every setting our graph depends on."""
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": hparams.n_vocab,
+        "n_positions": hparams.n_ctx,
+        "n_ctx": hparams.n_ctx,  # older readers (and OpenAI's naming) look for this one
+        "n_embd": hparams.n_embd,
+        "n_head": hparams.n_head,
+        "n_layer": hparams.n_layer,
+        "n_inner": None,  # 4 * n_embd
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": LAYER_NORM_EPSILON,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        # Dropout is a training setting; these are GPT-2's released values, as HF ships them.
+        "attn_pdrop": 0.1,
+        "embd_pdrop": 0.1,
+        "resid_pdrop": 0.1,
+        "initializer_range": 0.02,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "use_cache": True,
+        "dtype": "float32",
+    }
+
+
+def generation_config(eot: int | None) -> dict:
+    return {"bos_token_id": eot, "eos_token_id": eot}
+
+
+def tokenizer_config(hparams: HParams, eot: int | None) -> dict:
+    special = ENDOFTEXT if eot is not None else None
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": hparams.n_ctx,
+        "add_prefix_space": False,
+        "errors": "replace",
+        "bos_token": special,
+        "eos_token": special,
+        "unk_token": special,
+        "pad_token": None,
+        "clean_up_tokenization_spaces": False,  # decode(encode(s)) == s, as our encoder
+    }
+    if eot is not None:
+        # Marks <|endoftext|> as one special token, so text containing it encodes to 50256 as
+        # our encoder does, not to seven plain-text tokens.
+        config["added_tokens_decoder"] = {
+            str(eot): {
+                "content": ENDOFTEXT, "lstrip": False, "normalized": True, "rstrip": False,
+                "single_word": False, "special": True,
+            }
+        }
+    return config
+
+
+def special_tokens_map(eot: int | None) -> dict:
+    if eot is None:
+        return {}
+    return {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+
+
+# === HuggingFace -> OpenAI layout ===
+
+
+def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write a model directory in OpenAI's layout from a HuggingFace GPT-2 directory."""
+    from gpt2tf import checkpoints
+
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise UserError(f"HuggingFace directory {hf_dir} not found")
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    hparams = hparams_from_config(hf_dir / HF_CONFIG)
+    vocab = read_hf_vocab(hf_dir, hparams)
+    weights = openai_weights(read_hf_tensors(hf_dir), hparams, source=str(hf_dir))
+    was_empty_dir = out_dir.is_dir()
+    if was_empty_dir:
+        out_dir.rmdir()  # empty (checked above); write_model_dir wants a new name
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return checkpoints.write_model_dir(out_dir, hparams, weights, vocab)
+    except BaseException:
+        if was_empty_dir and not out_dir.exists():
+            out_dir.mkdir()  # give the user's empty folder back
+        raise
+
+
+def hparams_from_config(path: Path) -> HParams:
+    """HParams from HF's config.json; a UserError for anything OpenAI's graph computes otherwise."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: is this a HuggingFace model directory?") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    model_type = config.get("model_type")
+    if model_type != "gpt2":
+        raise UserError(f"{path}: model_type is {model_type!r}; only GPT-2 ('gpt2') converts")
+
+    def unsupported(field: str, value, why: str) -> UserError:
+        return UserError(
+            f"{path}: {field}={json.dumps(value)} is not supported: {why}; this model cannot be"
+            " represented in OpenAI's GPT-2 layout"
+        )
+
+    # (field, HF default, acceptable?, why not). Defaults are GPT2Config's own.
+    checks = (
+        ("activation_function", "gelu_new", lambda v: v in GELU_TANH,
+         f"OpenAI's graph uses GPT-2's tanh GELU ({' or '.join(GELU_TANH)})"),
+        ("layer_norm_epsilon", LAYER_NORM_EPSILON, lambda v: v == LAYER_NORM_EPSILON,
+         f"OpenAI's layer norm uses epsilon {LAYER_NORM_EPSILON}"),
+        ("scale_attn_weights", True, lambda v: v is True,
+         "OpenAI's attention always divides by sqrt(head_dim)"),
+        ("scale_attn_by_inverse_layer_idx", False, lambda v: v is False,
+         "OpenAI's attention has no per-layer scaling"),
+        ("add_cross_attention", False, lambda v: v is False,
+         "OpenAI's blocks have no cross-attention"),
+        ("n_inner", None, lambda v: v is None or v == 4 * config.get("n_embd", 768),
+         "OpenAI's MLP is 4 * n_embd wide"),
+    )
+    for field, default, ok, why in checks:
+        value = config.get(field, default)
+        if not ok(value):
+            raise unsupported(field, value, why)
+    # reorder_and_upcast_attn is accepted: it scales before the matmul and upcasts to float32,
+    # the same function as ours in float32; only mixed-precision rounding differs.
+    n_ctx = config.get("n_positions", config.get("n_ctx"))
+    raw = {
+        "n_vocab": config.get("vocab_size"),
+        "n_ctx": n_ctx,
+        "n_embd": config.get("n_embd"),
+        "n_head": config.get("n_head"),
+        "n_layer": config.get("n_layer"),
+    }
+    missing = [k for k, v in raw.items() if v is None]
+    if missing:
+        names = {"n_vocab": "vocab_size", "n_ctx": "n_positions"}
+        raise UserError(f"{path} lacks {', '.join(names.get(k, k) for k in missing)}")
+    return HParams.from_dict(raw, source=str(path))
+
+
+def read_hf_vocab(hf_dir: Path, hparams: HParams) -> tuple[bytes, bytes]:
+    """(encoder.json, vocab.bpe) bytes from vocab.json + merges.txt, checked to load."""
+    from gpt2tf.encoder import Encoder
+
+    try:
+        encoder_json = (hf_dir / HF_VOCAB).read_bytes()
+        merges = (hf_dir / HF_MERGES).read_bytes()
+    except FileNotFoundError as e:
+        raise UserError(
+            f"{e.filename} is missing: from_hf needs GPT-2's tokenizer files {HF_VOCAB} and"
+            f" {HF_MERGES} (copy them from the base model, e.g. openai-community/gpt2)"
+        ) from None
+    except OSError as e:
+        raise UserError(f"cannot read {e.filename}: {e.strerror}") from None
+    # OpenAI's encoder.py (and gpt-2-simple) drop vocab.bpe's first and last lines unread:
+    # they must be the version header and an empty line after the final newline.
+    if not merges.startswith(b"#version"):
+        merges = VERSION_HEADER + merges
+    if not merges.endswith(b"\n"):
+        merges += b"\n"
+    encoder_json = openai_spelling(encoder_json)
+    enc = Encoder.from_bytes(encoder_json, merges, source=str(hf_dir))  # a clear error if not BPE
+    if enc.n_vocab > hparams.n_vocab:
+        raise UserError(
+            f"{hf_dir / HF_VOCAB} has {enc.n_vocab} tokens but {HF_CONFIG} vocab_size="
+            f"{hparams.n_vocab}: the tokenizer does not belong to this model"
+        )
+    return encoder_json, merges
+
+
+def openai_spelling(encoder_json: bytes) -> bytes:
+    """GPT-2's vocab.json as OpenAI wrote it, when it is GPT-2's; otherwise unchanged.
+
+    HF's copy holds the same mapping, spaced differently. json.dumps of it reproduces OpenAI's
+    encoder.json byte for byte, which the encoder recognises (by sha256) as GPT-2's own and
+    then tokenizes through tiktoken, many times faster.
+    """
+    try:
+        canonical = json.dumps(json.loads(encoder_json.decode("utf-8"))).encode("utf-8")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return encoder_json  # Encoder.from_bytes reports it
+    if hashlib.sha256(canonical).hexdigest() == GPT2_ENCODER_SHA256:
+        return canonical
+    return encoder_json
+
+
+def read_hf_tensors(hf_dir: Path) -> dict[str, np.ndarray]:
+    """Every tensor of the directory's weights file(s) as float32 numpy arrays."""
+    choices = ((HF_WEIGHTS_INDEX, HF_WEIGHTS), (HF_TORCH_WEIGHTS_INDEX, HF_TORCH_WEIGHTS))
+    for index, weights in choices:  # safetensors first: it needs no PyTorch and runs no code
+        if (hf_dir / weights).is_file():
+            files = [hf_dir / weights]
+        elif (hf_dir / index).is_file():
+            files = shard_files(hf_dir / index)
+        else:
+            continue
+        read = read_safetensors if weights == HF_WEIGHTS else read_torch_bin
+        tensors = {}
+        for f in files:
+            tensors.update(read(f))
+        return tensors
+    raise UserError(
+        f"{hf_dir} has no {HF_WEIGHTS} or {HF_TORCH_WEIGHTS}:"
+        " is this a HuggingFace model directory?"
+    )
+
+
+def shard_files(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # ValueError: bad JSON
+        raise UserError(f"cannot read the shard index {index}: {e}") from None
+    for name in names:
+        if Path(name).name != name:  # the index must not point outside the directory
+            raise UserError(f"{index} names the shard {name!r}, which is not a plain file name")
+    return [index.parent / name for name in names]
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="np") as f:
+            for key in f.keys():
+                if f.get_slice(key).get_dtype() == "BF16":
+                    continue  # numpy has no bfloat16: read below
+                tensors[key] = to_float32(f.get_tensor(key))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    tensors.update(read_bf16_safetensors(path, skip=tensors.keys()))
+    return tensors
+
+
+def read_bf16_safetensors(path: Path, skip) -> dict[str, np.ndarray]:
+    """The bfloat16 tensors of a safetensors file, widened to float32 (exactly).
+
+    safetensors' numpy API cannot return bfloat16, so this reads the documented layout itself:
+    an 8-byte little-endian header length, a JSON header of name -> dtype/shape/data_offsets,
+    then the data.
+    """
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        out = {}
+        for key, info in header.items():
+            if key == "__metadata__" or key in skip or info.get("dtype") != "BF16":
+                continue
+            start, end = info["data_offsets"]
+            f.seek(8 + n + start)
+            raw = np.frombuffer(f.read(end - start), dtype="<u2")
+            # bfloat16 is the top half of a float32: shift it back into place.
+            out[key] = (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+    return out
+
+
+def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    """A pytorch_model.bin state dict, loaded with weights_only=True (never a plain unpickle)."""
+    try:
+        import torch
+    except ImportError:
+        raise UserError(
+            f"{path} is a PyTorch file and PyTorch is not installed: pip install torch, or"
+            f" provide {HF_WEIGHTS} (transformers: save_pretrained(..., safe_serialization=True))"
+        ) from None
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, ...)
+        raise UserError(f"cannot load {path} safely: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a state dict of tensors")
+    tensors = {}
+    for key, value in state.items():
+        if key.endswith(IGNORED_SUFFIXES):
+            continue
+        value = value.detach()
+        if value.dtype == torch.bfloat16:
+            value = value.float()
+        tensors[key] = to_float32(value.numpy())
+    return tensors
+
+
+def to_float32(a: np.ndarray) -> np.ndarray:
+    if a.dtype.kind != "f":
+        return a  # a buffer, not a weight; openai_weights ignores or reports it
+    return a if a.dtype == np.float32 else a.astype(np.float32)
+
+
+def openai_weights(
+    tensors: dict[str, np.ndarray], hparams: HParams, *, source: str
+) -> dict[str, np.ndarray]:
+    """HF state dict (with or without the `transformer.` prefix) -> OpenAI checkpoint weights."""
+    by_name = {}
+    for key, value in tensors.items():
+        if key.endswith(IGNORED_SUFFIXES) or key == LM_HEAD:
+            continue
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if name in by_name:
+            raise UserError(f"{source}: {name} appears twice (with and without {PREFIX!r})")
+        by_name[name] = value
+
+    weights = {}
+    for name, shape in expected_shapes(hparams).items():
+        key = hf_name(name)[len(PREFIX):]
+        if key not in by_name:
+            raise UserError(
+                f"{source}: the weights lack {key}; {HF_CONFIG} (n_layer={hparams.n_layer})"
+                " does not match them, or this is not a GPT-2 model"
+            )
+        w = by_name.pop(key)
+        hf_shape = shape[1:] if len(shape) == 3 else shape
+        if list(w.shape) != hf_shape:
+            raise UserError(
+                f"{source}: {key} has shape {list(w.shape)}, but {HF_CONFIG} implies {hf_shape}"
+            )
+        weights[name] = w.reshape(shape)
+    if by_name:
+        extra = sorted(by_name)
+        raise UserError(
+            f"{source}: weights {extra[:3]}{' ...' if len(extra) > 3 else ''} have no place in"
+            " GPT-2's language model (a different head or architecture?)"
+        )
+
+    head = tensors.get(LM_HEAD)
+    if head is not None and not np.array_equal(head, weights["model/wte"]):
+        # OpenAI's graph computes logits with wte itself; a separate head cannot be kept.
+        raise UserError(
+            f"{source}: {LM_HEAD} differs from the token embedding wte (untied output layer);"
+            " OpenAI's GPT-2 layout ties them, so this model cannot be converted"
+        )
+    return weights
+
+
+# === Files ===
+
+
+def check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} already exists: choose a new directory or remove it first")
+
+
+def make_temp_sibling(out_dir: Path) -> Path:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+
+
+def publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished temp folder to out_dir (replacing an empty one)."""
+    if out_dir.is_dir():
+        out_dir.rmdir()  # fails, rightly, if something appeared in it meanwhile
+    os.rename(tmp, out_dir)
+    fileio.fsync_dir(out_dir.parent)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+# === CLI ===
 
 
 def to_hf_cli(src_dir: str, out_dir: str):
-    """Write a HuggingFace GPT-2 directory (model.safetensors, config.json, tokenizer files)."""
-    raise NotImplementedError
+    """Write a HuggingFace GPT-2 directory (model.safetensors, config.json, tokenizer files).
+
+    SRC_DIR is a model directory (models/124M) or a run directory (checkpoint/run1). The result
+    loads with transformers' GPT2LMHeadModel and AutoTokenizer.from_pretrained(OUT_DIR).
+    """
+    out = to_hf(str(src_dir), str(out_dir))  # str: fire turns a name like 124 into an int
+    print(f"wrote HuggingFace GPT-2 directory {out}", file=sys.stderr)
 
 
 def from_hf_cli(hf_dir: str, out_dir: str):
-    """Turn a HuggingFace GPT-2 directory into a model directory in OpenAI's layout."""
-    raise NotImplementedError
+    """Turn a HuggingFace GPT-2 directory into a model directory in OpenAI's layout.
+
+    HF_DIR holds config.json, vocab.json, merges.txt and model.safetensors (or pytorch_model.bin,
+    which needs PyTorch). OUT_DIR then works with --models_dir/--model_name or as a model path.
+    """
+    out = from_hf(str(hf_dir), str(out_dir))
+    print(f"wrote model directory {out} ({modeldir.load_hparams(out)})", file=sys.stderr)
