@@ -1,0 +1,308 @@
+"""A training run's files on disk: checkpoints with their side files, retention, metrics.
+
+The order of a save is what makes a run survive kill -9 at any moment:
+
+1. TF's Saver writes model-<step>.data-* and model-<step>.index (our `checkpoint` file untouched);
+2. the side file model-<step>.state.json (data-sampler and noise RNG state, running averages)
+   is written atomically;
+3. the `checkpoint` state file is replaced atomically to name model-<step>: the commit point;
+4. `counter` (gpt-2-simple's step file) is written atomically;
+5. only then are checkpoints beyond max_checkpoints (or, with --overwrite, from an earlier run)
+   deleted.
+
+A crash before 3 leaves `checkpoint` naming the previous, complete checkpoint (a half-written
+model-<step> is ignored and overwritten by the next save of that step). A crash after 3 leaves
+the new one complete. Disk full at any point is a UserError, and the previous checkpoint stays.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+from gpt2tf import fileio, paths
+from gpt2tf.errors import UserError
+
+log = logging.getLogger(__name__)
+
+RUN_PREFIX = "model"  # gpt-2-simple's and nshepperd's run checkpoints: model-<step>
+STATE_SUFFIX = ".state.json"  # our side file beside each checkpoint: model-<step>.state.json
+COUNTER = "counter"  # gpt-2-simple's file holding the step of the latest checkpoint
+PAUSE_ENV = "GPT2TF_TEST_PAUSE_IN_SAVE"  # tests: seconds to sleep just before the commit point
+REPLACED = "model-replaced"  # --overwrite: an earlier run's checkpoint whose name we reuse
+_CKPT_FILE = re.compile(
+    r"^(model(?:-replaced)?(?:-\d+)?|model\.ckpt(?:-\d+)?)"
+    r"(\.index|\.meta|\.data-\d{5}-of-\d{5}|" + re.escape(STATE_SUFFIX) + r")$"
+)
+_STEP = re.compile(r"-(\d+)$")
+
+
+def step_of(prefix: str) -> int | None:
+    """The step in a checkpoint prefix like .../model-120, or None."""
+    m = _STEP.search(str(prefix))
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_state(run_dir: Path) -> tuple[str | None, list[str]]:
+    """(latest prefix, every recorded prefix) from the `checkpoint` file, as run_dir / name."""
+    import tensorflow as tf
+
+    state_file = run_dir / paths.CKPT_STATE
+    if not state_file.is_file():
+        return None, []
+    try:
+        state = tf.train.get_checkpoint_state(str(run_dir))
+    except (tf.errors.OpError, ValueError) as e:
+        raise UserError(f"{state_file} cannot be read ({e}): fix or remove it") from None
+    if state is None:
+        return None, []
+
+    # TF has joined relative entries with the folder: paths comparable to run_dir / "model-N"
+    return state.model_checkpoint_path, list(state.all_model_checkpoint_paths)
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    """The complete checkpoint `checkpoint` names in a run directory, or None if there is none."""
+    if not (run_dir / paths.CKPT_STATE).is_file():
+        return None
+    latest, _ = checkpoint_state(run_dir)
+    if latest and Path(latest + ".index").is_file():
+        return latest
+    return None
+
+
+def checkpoint_files(run_dir: Path) -> dict[str, list[Path]]:
+    """Checkpoint prefix (absolute, as a str) -> the files of that checkpoint in run_dir."""
+    out: dict[str, list[Path]] = {}
+    if not run_dir.is_dir():
+        return out
+    for f in run_dir.iterdir():
+        m = _CKPT_FILE.match(f.name)
+        if m and f.is_file():
+            out.setdefault(str(run_dir / m.group(1)), []).append(f)
+    return out
+
+
+def write_checkpoint_state(run_dir: Path, prefixes: list[str]) -> None:
+    """Atomically point TF's `checkpoint` file at prefixes[-1] (all of them recorded).
+
+    Relative names, so the run directory stays valid when copied or moved elsewhere.
+    """
+    names = [json.dumps(os.path.basename(p)) for p in prefixes]  # a C-style quoted string
+    text = f"model_checkpoint_path: {names[-1]}\n" + "".join(
+        f"all_model_checkpoint_paths: {n}\n" for n in names
+    )
+    fileio.write_text(run_dir / paths.CKPT_STATE, text)
+
+
+def read_side_state(prefix: str) -> dict | None:
+    path = Path(prefix + STATE_SUFFIX)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e}): the run's side state is damaged") from None
+
+
+def read_counter(run_dir: Path) -> int | None:
+    try:
+        return int((run_dir / COUNTER).read_text(encoding="utf-8").strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _remove(files) -> None:
+    for f in files:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f)
+
+
+class RunCheckpoints:
+    """Saves and prunes model-<step> checkpoints of one run directory (see the module doc)."""
+
+    def __init__(self, run_dir: Path, saver, *, max_checkpoints: int, replace_others: bool):
+        self.run_dir = Path(run_dir)
+        self.saver = saver
+        self.max_checkpoints = max_checkpoints
+        # --overwrite: after the first save, checkpoints this process did not write go.
+        self.replace_others = replace_others
+        self.on_first_commit = []  # callables run once, right after the first commit point
+        _, recorded = checkpoint_state(self.run_dir) if not replace_others else (None, [])
+        self.kept: list[str] = [p for p in recorded if Path(p + ".index").is_file()]
+
+    def save(self, session, step: int, side_state: dict) -> str:
+        prefix = str(self.run_dir / f"{RUN_PREFIX}-{step}")
+        try:
+            self._write(session, step, prefix, side_state)
+        except OSError as e:
+            raise self._save_error(prefix, e) from None
+        except Exception as e:  # tf.errors.OpError: the type lives in TF, imported lazily
+            import tensorflow as tf
+
+            if isinstance(e, tf.errors.OpError):
+                raise self._save_error(prefix, e) from None
+            raise
+        self._after_commit(prefix)
+        return prefix
+
+    def _save_error(self, prefix: str, e: Exception) -> UserError:
+        latest = self.kept[-1] if self.kept else None
+        where = (
+            f"the latest complete checkpoint {latest} is intact" if latest
+            else "no earlier checkpoint of this run exists"
+        )
+        msg = getattr(e, "message", None) or getattr(e, "strerror", None) or str(e)
+        first = str(msg).splitlines()[0] if str(msg) else type(e).__name__
+        return UserError(
+            f"cannot save checkpoint {prefix} ({type(e).__name__}: {first}); is the disk full?"
+            f" {where}: free space and resume with --restore_from latest"
+        )
+
+    def _write(self, session, step: int, prefix: str, side_state: dict) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.replace_others:
+            self._move_aside(prefix)
+        with session.graph.as_default():
+            self.saver.save(
+                session, str(self.run_dir / RUN_PREFIX), global_step=step,
+                write_state=False, write_meta_graph=False,
+            )
+        fileio.write_json(prefix + STATE_SUFFIX, {"step": step, **side_state})
+        pause = os.environ.get(PAUSE_ENV)
+        if pause:
+            print(f"[test] paused in save of {prefix}", flush=True)
+            time.sleep(float(pause))
+        kept = [p for p in self.kept if p != prefix] + [prefix]
+        kept = kept[-self.max_checkpoints:] if self.max_checkpoints > 0 else kept
+        write_checkpoint_state(self.run_dir, kept)  # the commit point
+        self.kept = kept
+        fileio.write_text(self.run_dir / COUNTER, f"{step}\n")
+
+    def _move_aside(self, prefix: str) -> None:
+        """--overwrite: an earlier run's checkpoint has the name we are about to write.
+
+        It must stay loadable until our commit point, so its files are hard-linked under
+        another name, `checkpoint` is pointed there (atomically), and only then the original
+        names are unlinked for the Saver to write anew.
+        """
+        files = checkpoint_files(self.run_dir).get(prefix)
+        if not files:
+            return
+        latest, recorded = checkpoint_state(self.run_dir)
+        aside = str(self.run_dir / f"{REPLACED}-{step_of(prefix)}")
+        for f in files:
+            target = Path(aside + f.name[len(os.path.basename(prefix)):])
+            target.unlink(missing_ok=True)
+            try:
+                os.link(f, target)
+            except OSError:
+                import shutil
+
+                shutil.copy2(f, target)
+        if latest is not None:
+            new_latest = aside if latest == prefix else latest
+            others = [aside if p == prefix else p for p in recorded if p != latest]
+            write_checkpoint_state(self.run_dir, others + [new_latest])
+        _remove(files)
+
+    def _after_commit(self, prefix: str) -> None:
+        hooks, self.on_first_commit = self.on_first_commit, []
+        for hook in hooks:
+            hook()
+        keep = set(self.kept)
+        for other, files in checkpoint_files(self.run_dir).items():
+            if other in keep:
+                continue
+            other_step = step_of(other)
+            committed_step = step_of(prefix) or 0
+            # Delete pruned ones, and with --overwrite everything that came before this run;
+            # never a newer half-written one, which a later save of that step will replace.
+            if self.replace_others or (other_step is not None and other_step < committed_step):
+                _remove(files)
+        self.replace_others = False
+
+    def remove_orphans_after(self, step: int) -> None:
+        """Drop checkpoint files newer than `step` that `checkpoint` never named (a crash
+        mid-save): the resumed run writes those steps again."""
+        keep = set(self.kept)
+        for other, files in checkpoint_files(self.run_dir).items():
+            s = step_of(other)
+            if other not in keep and s is not None and s > step:
+                _remove(files)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step, `step` counted from the run's start.
+
+    On resume, records past the restored step (logged after the last save, before a crash) are
+    dropped so the file reads as one run. With `defer` (a --overwrite of an earlier run),
+    records are held in memory until `commit()`, after the new run's first checkpoint: until
+    then the earlier run's file stays as it was.
+    """
+
+    def __init__(self, path: Path, *, keep_through_step: int | None, defer: bool = False):
+        self.path = Path(path)
+        self._pending: list[str] | None = [] if defer else None
+        self._file = None
+        if not defer:
+            self._truncate(keep_through_step)
+
+    def _truncate(self, keep_through_step: int | None) -> None:
+        lines: list[str] = []
+        changed = False
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                    keep = keep_through_step is not None and int(rec["step"]) <= keep_through_step
+                except (ValueError, KeyError, TypeError):
+                    keep = False  # e.g. a line cut short by a crash
+                if keep:
+                    lines.append(line)
+                else:
+                    changed = True
+            if changed:
+                fileio.write_text(self.path, "".join(x + "\n" for x in lines))
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, sort_keys=False)
+        if self._pending is not None:
+            self._pending.append(line)
+            return
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+        self._file.write(line + "\n")
+        self._file.flush()
+
+    def commit(self) -> None:
+        """Replace the earlier run's file with this run's records (deferred mode)."""
+        if self._pending is None:
+            return
+        fileio.write_text(self.path, "".join(x + "\n" for x in self._pending))
+        self._pending = None
+
+    def sync(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            with contextlib.suppress(OSError):
+                os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl (tests and tools)."""
+    path = Path(run_dir) / paths.METRICS
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out

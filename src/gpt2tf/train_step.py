@@ -1,0 +1,202 @@
+"""One optimizer step as graph nodes: loss, gradients, accumulation, clipping, update.
+
+This module knows nothing about files, data or logging; the loop in gpt2tf.trainer feeds it
+batches and runs its ops. The batch arrives as a tensor (a placeholder today; a distributed
+input later), so the same step can be built per replica.
+
+- The loss is the mean next-token cross-entropy of a window of T+1 tokens: T predictions from
+  T inputs (no sliced copy of the [B, T, V] logits).
+- `accumulate_gradients` A > 1 runs A micro-batches and applies their mean gradient (the
+  gradient of the mean loss over A*B windows); nshepperd's AccumulatingOptimizer applied the sum.
+- bf16 mixed precision runs the matmuls in bfloat16; weights, layer norms, softmax, the loss
+  and the optimizer stay float32 (see gpt2tf.model.Precision).
+- `memory_saving_gradients` recomputes each block's activations in the backward pass.
+- No random ops: input noise (nshepperd's --noise) comes in through `inputs`, drawn by the loop
+  from a seeded generator, so a step is a pure function of its feeds and the variables.
+"""
+
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+from gpt2tf import model, optim, remat
+from gpt2tf.errors import UserError
+from gpt2tf.hparams import HParams
+
+tf1 = tf.compat.v1
+
+PRECISIONS = {"fp32": model.FP32, "bf16": model.BF16}
+TRAIN_SCOPE = "train"  # accumulators live here (local variables: never checkpointed)
+
+
+def check_precision(name: str):
+    if name not in PRECISIONS:
+        raise UserError(f"unknown precision {name!r}: choose one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[name]
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What a training step computes; every field is a flag of the same name."""
+
+    optimizer: str = "adam"
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    lr_decay_steps: int = 0
+    min_lr_ratio: float = 0.1
+    accumulate_gradients: int = 1
+    max_grad_norm: float = 0.0  # 0: no clipping
+    precision: str = "fp32"
+    memory_saving_gradients: bool = False
+    only_train_transformer_layers: bool = False
+
+
+def lm_loss(
+    hparams: HParams,
+    tokens: tf.Tensor,
+    *,
+    inputs: tf.Tensor | None = None,
+    precision: model.Precision = model.FP32,
+    recompute: bool = False,
+) -> tf.Tensor:
+    """Mean next-token cross-entropy (float32 scalar) of windows tokens: [B, T+1].
+
+    The model reads `inputs` ([B, T], default tokens[:, :-1]) and is scored on tokens[:, 1:].
+    """
+    if inputs is None:
+        inputs = tokens[:, :-1]  # [B, T]
+    labels = tokens[:, 1:]  # [B, T]
+    if recompute:
+        # model.model(recompute=True) uses tf.recompute_grad, which saves no memory in TF1
+        # graphs (see gpt2tf.remat); this is the same forward pass with a working recompute.
+        logits = remat.model_logits(hparams, inputs, precision=precision)  # [B, T, V]
+    else:
+        logits = model.model(hparams, inputs, precision=precision)["logits"]  # [B, T, V]
+    # logits are float32 whatever the precision: the softmax and the loss need the range
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)  # [B, T]
+    return tf.reduce_mean(ce)
+
+
+def trainable(variables: list, only_transformer_layers: bool) -> list:
+    """The weights the optimizer updates: all, or only the blocks model/h<i>/ (nshepperd)."""
+    if only_transformer_layers:
+        return [v for v in variables if v.name.startswith("model/h")]
+    return list(variables)
+
+
+def _dense(g, var):
+    # The embedding gathers give IndexedSlices; accumulation and clipping want plain tensors.
+    if g is None:
+        return tf.zeros_like(var)
+    if isinstance(g, tf.IndexedSlices):
+        return tf.convert_to_tensor(g)
+    return g
+
+
+class TrainStep:
+    """Graph nodes of one training step over the model's variables (built in the current graph).
+
+    tokens: [B, T+1] int32 windows of one micro-batch. With accumulate_gradients A == 1 a step
+    is one run of `train_op`; otherwise A runs of `micro_op` (one micro-batch each) and then
+    one run of `train_op`. See `run`.
+    """
+
+    def __init__(
+        self,
+        hparams: HParams,
+        cfg: StepConfig,
+        tokens: tf.Tensor,
+        *,
+        inputs: tf.Tensor | None = None,
+    ):
+        optim.check_optimizer(cfg.optimizer)
+        precision = check_precision(cfg.precision)
+        self.cfg = cfg
+        self.accumulate = int(cfg.accumulate_gradients)
+        assert self.accumulate >= 1
+
+        self.global_step = tf1.train.get_or_create_global_step()
+        self.loss = lm_loss(
+            hparams, tokens, inputs=inputs, precision=precision,
+            recompute=cfg.memory_saving_gradients,
+        )
+        # Read before the optimizer exists: afterwards its slots also live under "model/".
+        self.model_variables = model.model_variables()
+        self.train_variables = trainable(self.model_variables, cfg.only_train_transformer_layers)
+        grads = tf.gradients(self.loss, self.train_variables)
+        grads = [_dense(g, v) for g, v in zip(grads, self.train_variables)]
+
+        self.learning_rate = optim.learning_rate(
+            self.global_step, base=float(cfg.learning_rate), warmup_steps=cfg.warmup_steps,
+            schedule=cfg.lr_schedule, decay_steps=cfg.lr_decay_steps,
+            min_ratio=float(cfg.min_lr_ratio),
+        )
+        self.optimizer = optim.make_optimizer(cfg.optimizer, self.learning_rate)
+
+        self.micro_op = None
+        self.accumulators: list = []
+        if self.accumulate == 1:
+            self.step_loss = self.loss
+            grads, self.grad_norm = self._clip(grads)
+            self.train_op = self.optimizer.apply_gradients(
+                list(zip(grads, self.train_variables)), self.global_step
+            )
+        else:
+            self._build_accumulation(grads)
+        self.optimizer_variables = list(self.optimizer.variables)
+
+    def _clip(self, grads: list):
+        if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
+            clipped, norm = tf.clip_by_global_norm(grads, float(self.cfg.max_grad_norm))
+            return clipped, norm
+        return grads, tf.constant(-1.0)  # -1: not computed (no clipping asked for)
+
+    def _build_accumulation(self, grads: list) -> None:
+        scale = 1.0 / self.accumulate
+
+        def local(shape, name):
+            return tf1.Variable(
+                tf.zeros(shape, tf.float32), trainable=False, use_resource=True,
+                collections=[tf1.GraphKeys.LOCAL_VARIABLES], name=name,
+            )
+
+        with tf1.variable_scope(TRAIN_SCOPE):
+            accs = [
+                local(v.shape, "accum/" + v.name.split(":")[0]) for v in self.train_variables
+            ]
+            loss_acc = local([], "accum/loss")
+        self.accumulators = accs + [loss_acc]
+        # One micro-batch: add its share of the mean gradient and of the mean loss.
+        self.micro_op = tf.group(
+            [a.assign_add(g * scale) for a, g in zip(accs, grads)]
+            + [loss_acc.assign_add(self.loss * scale)],
+            name="accumulate",
+        )
+        mean_grads = [a.read_value() for a in accs]
+        self.step_loss = loss_acc.read_value()
+        mean_grads, self.grad_norm = self._clip(mean_grads)
+        apply = self.optimizer.apply_gradients(
+            list(zip(mean_grads, self.train_variables)), self.global_step
+        )
+        # Zero the accumulators after the update (and after step_loss was read) for the next step.
+        with tf.control_dependencies([apply, self.step_loss, self.grad_norm]):
+            self.train_op = tf.group(
+                [a.assign(tf.zeros_like(a)) for a in self.accumulators], name="apply_and_reset"
+            )
+
+    def run(self, session, feeds: list[dict]) -> dict:
+        """One step: `feeds` holds one feed dict per micro-batch (len == accumulate_gradients).
+
+        Returns the step's mean loss, the learning rate it used and the gradient norm (-1 when
+        not clipping).
+        """
+        assert len(feeds) == self.accumulate, (len(feeds), self.accumulate)
+        fetch = {"loss": self.step_loss, "lr": self.learning_rate, "grad_norm": self.grad_norm}
+        if self.micro_op is None:
+            out = session.run({**fetch, "_": self.train_op}, feeds[0])
+        else:
+            for feed in feeds:
+                session.run(self.micro_op, feed)
+            out = session.run({**fetch, "_": self.train_op})
+        return {k: float(v) for k, v in out.items() if k != "_"}
