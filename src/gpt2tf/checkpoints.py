@@ -134,10 +134,11 @@ def write_model_dir(
     """Create a model directory in OpenAI's seven-file layout, atomically.
 
     Everything is written to a temporary sibling folder that is renamed into place at the end,
-    so `out_dir` either does not exist or is complete. An existing `out_dir` is refused.
+    so `out_dir` either does not exist or is complete. An existing non-empty `out_dir` is refused.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists():
+    # An empty folder may be replaced (rename(2) replaces an empty directory atomically).
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         raise UserError(f"{out_dir} already exists: choose a new directory or remove it first")
     if not out_dir.parent.is_dir():
         raise UserError(f"parent folder {out_dir.parent} does not exist: create it first")
