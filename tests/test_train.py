@@ -217,10 +217,13 @@ def test_finetune_api_then_generate(tmp_path, models_dir, data, monkeypatch, cap
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adafactor"])
 def test_other_optimizers_and_bf16_train(tmp_path, models_dir, data, optimizer, capsys):
+    val = write_text_data(tmp_path / "val.txt", 3000)
     args = base_args(tmp_path, models_dir, data, steps=3, seq_len=16, optimizer=optimizer,
-                     precision="bf16", only_train_transformer_layers=True, learning_rate=1e-2)
+                     precision="bf16", only_train_transformer_layers=True, learning_rate=1e-2,
+                     val_dataset=val, val_every=3, val_batch_count=2)
     code, _, err = train(args, capsys)
     assert code == 0, err
+    assert [r["step"] for r in metrics(tmp_path / "checkpoint/run1") if "val_loss" in r] == [0, 3]
     import tensorflow as tf
 
     reader = tf.train.load_checkpoint(str(tmp_path / "checkpoint/run1/model-3"))
@@ -232,6 +235,23 @@ def test_other_optimizers_and_bf16_train(tmp_path, models_dir, data, optimizer, 
     np.testing.assert_array_equal(reader.get_tensor("model/wte"), init.get_tensor("model/wte"))
     assert not np.array_equal(
         reader.get_tensor("model/h0/mlp/c_fc/w"), init.get_tensor("model/h0/mlp/c_fc/w"))
+
+
+def test_restore_from_a_path_starts_a_new_run_from_its_weights(tmp_path, models_dir, data):
+    from gpt2tf import checkpoints
+
+    args = base_args(tmp_path, models_dir, data, "a", seq_len=16, learning_rate=1e-2)
+    assert train(args + ["--steps", 2])[0] == 0
+    src = tmp_path / "checkpoint" / "a" / "model-2"
+    code, _, _ = train(base_args(tmp_path, models_dir, data, "b", seq_len=16,
+                                 learning_rate=1e-9, optimizer="sgd")
+                       + ["--steps", 1, "--restore_from", src])
+    assert code == 0
+    b = tmp_path / "checkpoint" / "b"
+    assert latest_name(b) == "model-1"  # a new run: its own step count
+    wa, wb = checkpoints.read_weights(str(src)), checkpoints.read_weights(str(b / "model-1"))
+    for name in wa:
+        np.testing.assert_allclose(wb[name], wa[name], atol=1e-6)
 
 
 # --- bad input: one line, exit 1, nothing written --------------------------------------------

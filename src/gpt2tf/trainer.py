@@ -414,6 +414,11 @@ class StopRequest:
 # --- the loop ---------------------------------------------------------------------------------
 
 
+class _SamplingStopped(Exception):
+    pass
+
+
+
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -560,7 +565,8 @@ class Trainer:
 
     # work ------------------------------------------------------------------------------------
 
-    def _feeds(self) -> list[dict]:
+    def next_feeds(self) -> list[dict]:
+        """Feed dicts of the next step's micro-batches (advances the data sampler)."""
         g, np = self.g, self.np
         feeds = []
         for _ in range(self.cfg.accumulate_gradients):
@@ -585,21 +591,29 @@ class Trainer:
         ]
         return float(sum(losses) / len(losses))
 
-    def sample(self, step: int) -> None:
+    def sample(self, step: int, stop: StopRequest) -> None:
         from gpt2tf import inference
 
         dec = self.g.decoder
         params = inference.SamplingParams(
             temperature=SAMPLE_TEMPERATURE, top_k=self.cfg.top_k, top_p=self.cfg.top_p
         )
-        texts = [
-            s.text for s in dec.iter_samples(
-                self.session, dec.encode_prompt(None), nsamples=self.cfg.sample_num,
-                batch_size=min(self.cfg.batch_size, self.cfg.sample_num),
-                length=self.cfg.sample_length, params=params,
-                seed=(self.cfg.seed * 1_000_003 + step) % (1 << 62),
-            )
-        ]
+
+        def on_token(row, piece):
+            if stop.signum is not None:  # a long sample must not delay the save on SIGTERM
+                raise _SamplingStopped
+
+        try:
+            texts = [
+                s.text for s in dec.iter_samples(
+                    self.session, dec.encode_prompt(None), nsamples=self.cfg.sample_num,
+                    batch_size=min(self.cfg.batch_size, self.cfg.sample_num),
+                    length=self.cfg.sample_length, params=params,
+                    seed=(self.cfg.seed * 1_000_003 + step) % (1 << 62), on_token=on_token,
+                )
+            ]
+        except _SamplingStopped:
+            return
         text = "\n".join(f"======== SAMPLE {i + 1} ========\n{t}\n" for i, t in enumerate(texts))
         _say(text)
         fileio.write_text(self.samples_dir / self.run_name / f"samples-{step}", text)
@@ -642,7 +656,7 @@ class Trainer:
         step_time = None  # running average of seconds per step, for the time left
         done = 0
         while stop.signum is None and (self.steps == -1 or done < self.steps):
-            feeds = self._feeds()
+            feeds = self.next_feeds()
             t0 = time.perf_counter()
             out = self.g.step.run(self.session, feeds)
             dt = time.perf_counter() - t0
@@ -666,12 +680,12 @@ class Trainer:
             if validate:
                 record["val_loss"] = self.validate()
             if step % cfg.print_every == 0 or validate:
-                self._progress(record, started, step_time, done)
                 self._log(record)
+                self._progress(record, started, step_time, done)
             if cfg.save_every and step % cfg.save_every == 0:
                 self.save(step)
             if self.g.decoder is not None and step % cfg.sample_every == 0:
-                self.sample(step)
+                self.sample(step, stop)
         if self.last_saved != step and (step != self.start_step or not self.plan.resume):
             self.save(step)  # (a resumed run stopped before its first step changed nothing)
         return step
@@ -722,6 +736,7 @@ def train(
 
     check_invocation(run_name=run_name, restore_from=restore_from, steps=steps,
                      overwrite=overwrite)
+    run_name = str(run_name)  # fire makes "--run_name 7" an int
     unknown = sorted(set(config) - {f.name for f in fields(TrainConfig)})
     assert not unknown, unknown
     # The flags alone, before touching any file (a resumed run may take --dataset from its
@@ -749,6 +764,12 @@ def train(
         _say("Training...")
         with StopRequest() as stop:
             step = trainer.loop(stop)
+    except OSError as e:  # metrics, samples, run files (a failed save says more itself)
+        latest = trainer.checkpoints.kept[-1] if trainer.checkpoints else plan.source_prefix
+        raise UserError(
+            f"cannot write {e.filename or 'a run file'} ({e.strerror or e}); is the disk full?"
+            f" The latest checkpoint {latest} is intact"
+        ) from None
     finally:
         trainer.close()
     return TrainResult(run_dir=run_dir, step=step, checkpoint=str(trainer.checkpoints.kept[-1]))
@@ -811,7 +832,9 @@ def train_cli(
     --steps, min_lr_ratio 0.1, max_grad_norm 0 (off), noise 0, seed random, sample_every 100,
     sample_length 1023, sample_num 1, top_k 40, top_p 0, save_every 1000, print_every 1,
     max_checkpoints 1 (0 keeps all), val_fraction 0, val_batch_size 2, val_batch_count 40,
-    val_every 0 (off).
+    val_every 0 (off). --combine is accepted as in nshepperd's and gpt-2-simple's tools, but
+    text is always encoded as one stream with <|endoftext|> between documents, so windows
+    cross file boundaries whatever its value.
     """
     from gpt2tf import cli
 
