@@ -16,7 +16,7 @@ install:
 # transformers on the CPU build of torch that lies on disk, gpt-2-simple without its
 # stale pins, playwright driving Debian's chromium for the browser test.
 install-test: install
-	$(PYTHON) -m pip install -q -e '.[test,serve]' 'torch==2.13.0' transformers openai playwright
+	$(PYTHON) -m pip install -q -e '.[test]' 'torch==2.13.0' transformers
 	$(PYTHON) -m pip install -q --no-deps gpt-2-simple==0.8.1 toposort
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
