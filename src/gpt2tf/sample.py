@@ -6,7 +6,9 @@ touches only the new position of the cache (an in-place slice assignment, no con
 
 Sampling takes its randomness from the caller as one uniform number per row (inverse-CDF
 sampling). The caller draws them from a per-sample seeded numpy generator, so a sample depends
-only on its own seed: not on the batch it ran in, nor on earlier calls in the session.
+on its own seed, not on earlier calls in the session nor on its batch-mates' seeds. (The BLAS
+may round differently for different batch sizes, which can rarely flip a token: the server pads
+batches to a fixed size where exact reproducibility matters.)
 """
 
 import tensorflow as tf
