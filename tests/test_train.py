@@ -7,19 +7,23 @@ import sys
 
 import numpy as np
 import pytest
-
-from test_train_helpers import (  # noqa: F401  (models_dir is a fixture)
+from test_train_helpers import (
     REPO,
     base_args,
     latest_name,
     losses,
+    make_models_dir,
     metrics,
-    models_dir,
     shakespeare,
     snapshot,
     train,
     write_text_data,
 )
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return make_models_dir(tmp_path_factory)
 
 
 @pytest.fixture
@@ -85,10 +89,11 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path, models_dir, data, caps
     """2N steps in one go == N steps, stop, N more: every loss, the weights and Adam's slots."""
     import tensorflow as tf
 
-    flags = dict(
-        batch_size=2, learning_rate=3e-3, accumulate_gradients=2, noise=0.1, max_grad_norm=1.0,
-        warmup_steps=2, lr_schedule="cosine", lr_decay_steps=8, seq_len=32, save_every=100,
-    )
+    flags = {
+        "batch_size": 2, "learning_rate": 3e-3, "accumulate_gradients": 2, "noise": 0.1,
+        "max_grad_norm": 1.0, "warmup_steps": 2, "lr_schedule": "cosine", "lr_decay_steps": 8,
+        "seq_len": 32, "save_every": 100,
+    }
     code, _, err = train(base_args(tmp_path, models_dir, data, "whole", steps=8, **flags), capsys)
     assert code == 0, err
     code, _, err = train(base_args(tmp_path, models_dir, data, "split", steps=4, **flags), capsys)
@@ -120,9 +125,7 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path, models_dir, data, caps
 def test_fresh_refuses_existing_run_and_overwrite_replaces_it_after_saving(
     tmp_path, models_dir, data, capsys, monkeypatch
 ):
-    from gpt2tf import run_state
-
-    from gpt2tf import checkpoints
+    from gpt2tf import checkpoints, run_state
 
     args = base_args(tmp_path, models_dir, data, seq_len=16, save_every=100)
     assert train(args + ["--steps", 2], capsys)[0] == 0
@@ -131,7 +134,7 @@ def test_fresh_refuses_existing_run_and_overwrite_replaces_it_after_saving(
     old_weights = checkpoints.read_weights(str(run / "model-2"))
     old_metrics = (run / "metrics.jsonl").read_bytes()
 
-    code, out, err = train(args + ["--steps", 2, "--restore_from", "fresh"], capsys)
+    code, _, err = train(args + ["--steps", 2, "--restore_from", "fresh"], capsys)
     assert code == 1 and err.startswith("error: ") and err.count("\n") == 1
     assert str(run) in err and "--overwrite" in err
     assert snapshot(tmp_path) == before
@@ -190,7 +193,7 @@ def test_sampler_resume_and_orphans_after_a_crash_between_saves(tmp_path, models
     assert latest_name(run) == "model-5"
     assert not list(run.glob("model-6.*"))
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5]
-    state, recorded = run_state.checkpoint_state(run)
+    _, recorded = run_state.checkpoint_state(run)
     assert [p.rsplit("-", 1)[1] for p in recorded] == ["2", "4", "5"]
 
 
@@ -329,12 +332,19 @@ def test_cli_help_and_light_import(capsys):
     for flag in ("--accumulate_gradients", "--memory_saving_gradients", "--val_fraction",
                  "--precision", "--lr_schedule", "--max_grad_norm", "--restore_from"):
         assert flag.lstrip("-") in text
+    check = "import sys, gpt2tf, gpt2tf.trainer; assert 'tensorflow' not in sys.modules"
     code = subprocess.run(
-        [sys.executable, "-c", "import sys, gpt2tf, gpt2tf.trainer;"
-         " assert 'tensorflow' not in sys.modules"], capture_output=True, text=True,
+        [sys.executable, "-c", check], capture_output=True, text=True, check=False,
         env={**os.environ, "PYTHONPATH": str(REPO / "src")},
     )
     assert code.returncode == 0, code.stderr
+    # A bad flag from the command line: one line on stderr, before TensorFlow loads.
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--dataset", "x.txt", "--optimizer", "adamw"],
+        capture_output=True, text=True, check=False,
+    )
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr == "error: unknown optimizer 'adamw': choose one of adam, sgd, adafactor\n"
 
 
 # --- the step's maths (graph only) -------------------------------------------------------------
@@ -419,7 +429,8 @@ def test_learning_rate_schedule_graph_matches_python():
 
     from gpt2tf import optim
 
-    kw = dict(base=1e-3, warmup_steps=3, schedule="cosine", decay_steps=10, min_ratio=0.1)
+    kw = {"base": 1e-3, "warmup_steps": 3, "schedule": "cosine", "decay_steps": 10,
+          "min_ratio": 0.1}
     g = tf.Graph()
     with g.as_default():
         step = tf.compat.v1.placeholder(tf.int64, [])

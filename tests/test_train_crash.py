@@ -6,17 +6,21 @@ import signal
 
 import numpy as np
 import pytest
-
-from test_train_helpers import (  # noqa: F401  (models_dir is a fixture)
+from test_train_helpers import (
     Child,
     base_args,
     latest_name,
     losses,
+    make_models_dir,
     metrics,
-    models_dir,
     train,
     write_text_data,
 )
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return make_models_dir(tmp_path_factory)
 
 
 @pytest.fixture
@@ -42,7 +46,7 @@ def test_kill_9_while_training_resumes_from_last_checkpoint(tmp_path, args):
     before = losses(run)  # what the killed process logged, past its last checkpoint too
     assert {1, 2, 3, 4, 5} <= set(before)
 
-    code, out, err = train(_resume(tmp_path, 3))
+    code, _, err = train(_resume(tmp_path, 3))
     assert code == 0, err
     assert latest_name(run) == f"model-{last + 3}"
     after = losses(run)
@@ -80,7 +84,7 @@ def test_sigterm_saves_and_exits_0(tmp_path, args):
     child = Child(args + ["--steps", -1, "--save_every", 1000])
     child.wait_for("[3 |")
     child.proc.send_signal(signal.SIGTERM)
-    code, out, err = child.finish()
+    code, _, err = child.finish()
     assert code == 0, err
     assert "SIGTERM" in err and "saved" in err
     step = int(latest_name(run).split("-")[1])
@@ -119,7 +123,7 @@ def test_disk_full_during_save_is_an_error_and_latest_stays(tmp_path, args, monk
             return real_save(self, *a, **kw)
 
         monkeypatch.setattr(tf.compat.v1.train.Saver, "save", save)
-    code, out, err = train(args + ["--steps", 4, "--save_every", 2], capsys)
+    code, _, err = train(args + ["--steps", 4, "--save_every", 2], capsys)
     assert code == 1
     assert err.startswith("error: cannot save checkpoint") and err.count("\n") == 1, err
     assert "model-2 is intact" in err

@@ -10,14 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from shared_data import shared_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"
 
-TINY = dict(n_vocab=257, n_ctx=64, n_embd=32, n_head=2, n_layer=2)
+TINY = {"n_vocab": 257, "n_ctx": 64, "n_embd": 32, "n_head": 2, "n_layer": 2}
 
 
 def make_model(out_dir: Path, *, vocab_dir=None, **overrides) -> Path:
@@ -28,8 +26,7 @@ def make_model(out_dir: Path, *, vocab_dir=None, **overrides) -> Path:
     return checkpoints.init_model_dir(out_dir, hp, vocab_dir=vocab_dir)
 
 
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory) -> Path:
+def make_models_dir(tmp_path_factory) -> Path:
     """models/tiny: byte-level vocabulary (257 tokens), n_ctx 64, 2 layers of width 32."""
     root = tmp_path_factory.mktemp("models")
     make_model(root / "tiny")
@@ -42,7 +39,7 @@ def write_text_data(path: Path, n_chars: int = 20000) -> Path:
     if src.is_file():
         text = src.read_text(encoding="utf-8")[:n_chars]
     else:
-        words = "the king and the queen of the realm speak to their people about war".split()
+        words = ["the", "king", "and", "queen", "of", "realm", "speak", "to", "people"]
         text = " ".join(words[(i * 7) % len(words)] for i in range(n_chars // 5))
     path.write_text(text, encoding="utf-8")
     return path

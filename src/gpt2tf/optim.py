@@ -12,12 +12,9 @@ import math
 
 import tensorflow as tf
 
-from gpt2tf.errors import UserError
+from gpt2tf.train_options import LR_SCHEDULES, OPTIMIZERS, check_choice
 
 tf1 = tf.compat.v1
-
-OPTIMIZERS = ("adam", "sgd", "adafactor")
-LR_SCHEDULES = ("constant", "cosine")
 
 # Adam's constants as gpt-2-simple and nshepperd use them (TF's defaults).
 ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.9, 0.999, 1e-8
@@ -29,17 +26,11 @@ SLOT_SCOPE = "optimizer"  # our own slots live outside "model/": weight readers 
 
 
 def check_optimizer(name: str) -> str:
-    if name not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
-    return name
+    return check_choice("optimizer", name, OPTIMIZERS)
 
 
 def check_schedule(name: str) -> str:
-    if name not in LR_SCHEDULES:
-        raise UserError(
-            f"unknown lr_schedule {name!r}: choose one of {', '.join(LR_SCHEDULES)}"
-        )
-    return name
+    return check_choice("lr_schedule", name, LR_SCHEDULES)
 
 
 def learning_rate(
@@ -152,7 +143,7 @@ class _TFOptimizer:
         self.variables: list = []
 
     def apply_gradients(self, grads_and_vars, global_step) -> tf.Operation:
-        before = set(id(v) for v in tf1.global_variables())
+        before = {id(v) for v in tf1.global_variables()}
         op = self._opt.apply_gradients(grads_and_vars, global_step=global_step)
         self.variables = [v for v in tf1.global_variables() if id(v) not in before]
         return op

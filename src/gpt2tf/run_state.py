@@ -276,7 +276,8 @@ class MetricsLog:
             return
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
+            # held open for the run's lifetime; close() ends it
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         self._file.write(line + "\n")
         self._file.flush()
 

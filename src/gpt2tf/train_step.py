@@ -20,19 +20,18 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from gpt2tf import model, optim, remat
-from gpt2tf.errors import UserError
 from gpt2tf.hparams import HParams
+from gpt2tf.train_options import PRECISIONS, check_choice
 
 tf1 = tf.compat.v1
 
-PRECISIONS = {"fp32": model.FP32, "bf16": model.BF16}
 TRAIN_SCOPE = "train"  # accumulators live here (local variables: never checkpointed)
 
 
-def check_precision(name: str):
-    if name not in PRECISIONS:
-        raise UserError(f"unknown precision {name!r}: choose one of {', '.join(PRECISIONS)}")
-    return PRECISIONS[name]
+def check_precision(name: str) -> model.Precision:
+    """The model.Precision of a --precision name."""
+    check_choice("precision", name, PRECISIONS)
+    return {"fp32": model.FP32, "bf16": model.BF16}[name]
 
 
 @dataclass(frozen=True)

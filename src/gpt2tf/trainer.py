@@ -29,6 +29,7 @@ from pathlib import Path
 
 from gpt2tf import fileio, paths, run_state
 from gpt2tf.errors import UserError
+from gpt2tf.train_options import LR_SCHEDULES, OPTIMIZERS, PRECISIONS, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +101,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def check(self, *, require_dataset: bool = True) -> "TrainConfig":
-        """Raise UserError for the first bad value; return self."""
-        from gpt2tf import optim, train_step
-
+        """Raise UserError for the first bad value; return self. Needs no TensorFlow."""
         if require_dataset and (self.dataset is None or str(self.dataset) == ""):
             raise UserError(
                 "--dataset is required: a text file, folder, glob, .csv, .jsonl or .npz"
@@ -139,9 +138,9 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"--{name} is a switch: give it alone or as --{name}=True/False,"
                                 f" got {getattr(self, name)!r}")
-        optim.check_optimizer(self.optimizer)
-        optim.check_schedule(self.lr_schedule)
-        train_step.check_precision(self.precision)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("precision", self.precision, PRECISIONS)
         _check_encoding(self.encoding)
         if self.val_dataset and self.val_fraction:
             raise UserError("give --val_dataset or --val_fraction, not both")
@@ -648,7 +647,7 @@ class Trainer:
         cfg = self.cfg
         step = self.start_step
         tokens_per_step = cfg.batch_size * (self.data.window - 1) * cfg.accumulate_gradients
-        if self.data.val_windows is not None and step == 0:
+        if self.data.val_windows is not None and step == 0 and not self.plan.resume:
             val = self.validate()
             _say(f"[0] val_loss={val:.4f}")
             self._log({"step": 0, "val_loss": val})
@@ -843,6 +842,10 @@ def train_cli(
         "run_name", "checkpoint_dir", "samples_dir", "restore_from", "steps", "overwrite",
     )}
     given.pop("cli")
+    # Bad flags fail before TensorFlow loads (train() checks them again, cheaply).
+    check_invocation(run_name=invocation["run_name"], restore_from=invocation["restore_from"],
+                     steps=invocation["steps"], overwrite=invocation["overwrite"])
+    TrainConfig.resolve(given).check(require_dataset=False)
     cli.quiet_tensorflow_import()
     result = train(given, **invocation)
     print(f"saved {result.checkpoint}", file=sys.stderr)
