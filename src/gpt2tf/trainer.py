@@ -540,7 +540,9 @@ class Trainer:
         if replace_files:
             self.checkpoints.on_first_commit.append(write_run_files)
         else:
-            self.checkpoints.on_first_commit.append(lambda: [f.unlink() for f in old_events])
+            self.checkpoints.on_first_commit.append(
+                lambda: [f.unlink(missing_ok=True) for f in old_events]
+            )
             self._write_run_files()
         with self.g.graph.as_default():
             self.writer = tf.compat.v1.summary.FileWriter(str(run_dir))
