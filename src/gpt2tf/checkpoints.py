@@ -7,7 +7,6 @@ or our trainer load for generation like OpenAI's own files.
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +141,7 @@ def write_model_dir(
         raise UserError(f"{out_dir} already exists: choose a new directory or remove it first")
     if not out_dir.parent.is_dir():
         raise UserError(f"parent folder {out_dir.parent} does not exist: create it first")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = fileio.temp_dir_beside(out_dir)
     try:
         fileio.write_text(tmp / paths.HPARAMS, hparams.to_json())
         for name, content in zip(paths.VOCAB_FILES, vocab):

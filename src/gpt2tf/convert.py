@@ -19,7 +19,6 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -506,7 +505,7 @@ def check_out_dir(out_dir: Path) -> None:
 
 def make_temp_sibling(out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    return fileio.temp_dir_beside(out_dir)
 
 
 def publish(tmp: Path, out_dir: Path) -> None:

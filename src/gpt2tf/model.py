@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
+from gpt2tf import remat
 from gpt2tf.hparams import HParams
 
 tf1 = tf.compat.v1
@@ -86,14 +87,15 @@ def attn(x, scope, *, layer, hparams: HParams, batch, t, bias, cache, precision:
     with tf1.variable_scope(scope):
         c = conv1d(x, "c_attn", n_state * 3, precision=precision)  # [B*T, 3C]
         q, k, v = tf.unstack(tf.reshape(c, [batch, t, 3, n_head, head_dim]), axis=2)  # [B,T,H,D]
-        q = tf.transpose(q, [0, 2, 1, 3])  # [B, H, T, D]
+        # Scale q, not the [B, H, T, S] scores: one pass over T*D instead of T*S.
+        q = tf.transpose(q * (1.0 / math.sqrt(head_dim)), [0, 2, 1, 3])  # [B, H, T, D]
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, H, S, D] with the earlier positions
         else:
             k, v = tf.transpose(k, [0, 2, 1, 3]), tf.transpose(v, [0, 2, 1, 3])
         # [B, H, T, D] x [B, H, S, D]^T -> [B, H, T, S]
         w = tf.matmul(precision.cast(q), precision.cast(k), transpose_b=True)
-        w = tf.cast(w, tf.float32) * (1.0 / math.sqrt(head_dim)) + bias
+        w = tf.cast(w, tf.float32) + bias
         w = tf.nn.softmax(w, axis=-1)
         a = tf.matmul(precision.cast(w), precision.cast(v))  # [B, H, T, D]
         a = tf.reshape(tf.transpose(tf.cast(a, tf.float32), [0, 2, 1, 3]), [-1, n_state])
@@ -201,19 +203,18 @@ def model(
 
 
 def _recomputed_block(h, *, layer, hparams, batch, t, bias, precision):
-    """A block whose activations are recomputed in the backward pass instead of stored."""
-    # The backward pass re-runs fn outside this scope: re-enter it by object, not by name.
-    outer = tf1.get_variable_scope()
+    """A block whose activations are recomputed in the backward pass instead of stored.
 
-    @tf.recompute_grad
+    tf.recompute_grad saves nothing in a TF1-style graph (see gpt2tf.remat for why).
+    """
+
     def fn(x):
-        with tf1.variable_scope(outer, reuse=tf1.AUTO_REUSE):
-            return block(
-                x, f"h{layer}", layer=layer, hparams=hparams, batch=batch, t=t, bias=bias,
-                cache=None, precision=precision,
-            )
+        return block(
+            x, f"h{layer}", layer=layer, hparams=hparams, batch=batch, t=t, bias=bias,
+            cache=None, precision=precision,
+        )
 
-    return fn(h)
+    return remat.recompute_grad(fn)(h)
 
 
 def model_variables(scope: str = "model") -> list:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from gpt2tf import model, optim, remat
+from gpt2tf import model, optim
 from gpt2tf.hparams import HParams
 from gpt2tf.train_options import PRECISIONS, check_choice
 
@@ -66,12 +66,8 @@ def lm_loss(
     if inputs is None:
         inputs = tokens[:, :-1]  # [B, T]
     labels = tokens[:, 1:]  # [B, T]
-    if recompute:
-        # model.model(recompute=True) uses tf.recompute_grad, which saves no memory in TF1
-        # graphs (see gpt2tf.remat); this is the same forward pass with a working recompute.
-        logits = remat.model_logits(hparams, inputs, precision=precision)  # [B, T, V]
-    else:
-        logits = model.model(hparams, inputs, precision=precision)["logits"]  # [B, T, V]
+    logits = model.model(hparams, inputs, precision=precision, recompute=recompute)["logits"]
+    # [B, T, V]
     # logits are float32 whatever the precision: the softmax and the loss need the range
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)  # [B, T]
     return tf.reduce_mean(ce)
