@@ -7,6 +7,22 @@ DEMO_TEXT ?= ../shared/data/tinyshakespeare.txt
 DEMO_STEPS ?= 30
 DEMO_RUN ?= demo
 
+TINYSHAKESPEARE_URL ?= https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
+
+# Print the demo text's path: DEMO_TEXT if it exists, else tinyshakespeare fetched once.
+define FETCH_TEXT
+import pathlib, sys, requests
+given, cached = map(pathlib.Path, sys.argv[1:3])
+if not given.is_file() and not cached.is_file():
+    print(f"{given} not found: fetching tinyshakespeare", file=sys.stderr)
+    r = requests.get("$(TINYSHAKESPEARE_URL)", timeout=60)
+    r.raise_for_status()
+    cached.with_suffix(".part").write_bytes(r.content)
+    cached.with_suffix(".part").replace(cached)
+print(given if given.is_file() else cached)
+endef
+export FETCH_TEXT
+
 .PHONY: install install-test demo test bench
 
 install:
@@ -22,8 +38,9 @@ install-test: install
 
 demo: install
 	$(PYTHON) download_model.py $(MODEL)
-	$(PYTHON) -c "import pathlib,sys; p=pathlib.Path('$(DEMO_TEXT)'); sys.exit(0 if p.is_file() else 'demo text $(DEMO_TEXT) not found: pass DEMO_TEXT=path/to/text.txt')"
-	$(PYTHON) encode.py $(DEMO_TEXT) data/demo.npz --model_name $(MODEL)
+	mkdir -p data
+	$(PYTHON) -c "$$FETCH_TEXT" '$(DEMO_TEXT)' data/tinyshakespeare.txt > data/demo_text_path
+	$(PYTHON) encode.py "$$(cat data/demo_text_path)" data/demo.npz --model_name $(MODEL)
 	PYTHONPATH=src $(PYTHON) train.py --dataset data/demo.npz --model_name $(MODEL) --run_name $(DEMO_RUN) --steps $(DEMO_STEPS) --sample_every 0 --save_every $(DEMO_STEPS) --restore_from latest
 	$(PYTHON) generate_unconditional.py --run_name $(DEMO_RUN) --nsamples 3 --length 100 --top_k 40 --seed 1
 
