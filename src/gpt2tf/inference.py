@@ -95,26 +95,31 @@ class Decoder:
         hp = self.hparams = hparams
         self.encoder = encoder
         self._tokens = tf1.placeholder(tf.int32, [None, None], name="tokens")  # [B, T]
+        self._step_tokens = tf1.placeholder(tf.int32, [None, 1], name="step_tokens")  # [B, 1]
         self._pos = tf1.placeholder(tf.int32, [], name="pos")
         self._pad = tf1.placeholder(tf.int32, [None], name="pad")  # [B]
         self._rows = tf1.placeholder(tf.int32, [], name="rows")
         self._cache = sample.KVCache(hp, self._pos)
         self._reset = self._cache.reset_op(self._rows)
-        logits = model.model(
-            hp, self._tokens, cache=self._cache, pos=self._pos, pad=self._pad, last_only=True
-        )["logits"]  # [B, V]
         self._temperature = tf1.placeholder(tf.float32, [None], name="temperature")
         self._top_k = tf1.placeholder(tf.int32, [None], name="top_k")
         self._top_p = tf1.placeholder(tf.float32, [None], name="top_p")
         self._k_max = tf1.placeholder(tf.int32, [], name="k_max")
         self._uniform = tf1.placeholder(tf.float32, [None], name="uniform")
-        self._plain = sample.sample_plain(
-            logits, temperature=self._temperature, uniform=self._uniform
-        )
-        self._filtered = sample.sample_filtered(
-            logits, temperature=self._temperature, top_k=self._top_k, top_p=self._top_p,
-            k_max=self._k_max, uniform=self._uniform,
-        )
+        # Two graphs over the same weights and cache: the prompt (any length) and one new
+        # token (static T=1, which lets attention skip transposing the cache).
+        self._samplers = {}
+        for name, tokens in (("prefill", self._tokens), ("step", self._step_tokens)):
+            logits = model.model(
+                hp, tokens, cache=self._cache, pos=self._pos, pad=self._pad, last_only=True
+            )["logits"]  # [B, V]
+            self._samplers[name] = (
+                sample.sample_plain(logits, temperature=self._temperature, uniform=self._uniform),
+                sample.sample_filtered(
+                    logits, temperature=self._temperature, top_k=self._top_k,
+                    top_p=self._top_p, k_max=self._k_max, uniform=self._uniform,
+                ),
+            )
         self._cache_rows = {}  # session -> rows the cache is allocated for
 
     def check_tokens(self, tokens: Sequence[int]) -> None:
@@ -141,11 +146,11 @@ class Decoder:
         return {self._tokens: tokens, self._pos: 0, self._pad: pad}, pad, width
 
     def _sampler_feed(self, params: Sequence[SamplingParams]):
-        """The sampling op to run and its feeds: the cheap one unless some row filters."""
+        """Which sampler to run (0 plain, 1 filtered) and its feeds: plain unless a row filters."""
         hp = self.hparams
         feed = {self._temperature: np.array([p.temperature for p in params], np.float32)}
         if not any(p.filtered for p in params):
-            return self._plain, feed
+            return 0, feed
         # Top-k needs only the k best; a row with top-p alone needs the full sort.
         full = any(p.top_k == 0 for p in params)
         feed[self._k_max] = hp.n_vocab if full else min(max(p.top_k for p in params), hp.n_vocab)
@@ -153,7 +158,7 @@ class Decoder:
         feed[self._top_p] = np.array(
             [p.top_p if 0 < p.top_p < 1 else sample.TOP_P_OFF for p in params], np.float32
         )
-        return self._filtered, feed
+        return 1, feed
 
     def stream(
         self,
@@ -183,7 +188,7 @@ class Decoder:
                 raise UserError("empty prompt: give at least one token")
             self.check_tokens(c)
             seqs.append(self._fit_context(c))
-        fetch, feed = self._sampler_feed(params)
+        which, feed = self._sampler_feed(params)
         if self._cache_rows.get(session) != rows:
             session.run(self._reset, {self._rows: rows})
             self._cache_rows[session] = rows
@@ -191,6 +196,7 @@ class Decoder:
         n_ctx = self.hparams.n_ctx
         keep = n_ctx - n_ctx // 4
         step_feed, pad, pos = self._prefill_feed(seqs)
+        fetch = self._samplers["prefill"][which]
         for step in range(length):
             feed[self._uniform] = np.array([r.random() for r in rngs], np.float32)
             new = session.run(fetch, {**feed, **step_feed})
@@ -202,10 +208,13 @@ class Decoder:
             if pos >= n_ctx:  # the window is full: slide it
                 seqs = [s[-keep:] for s in seqs]
                 step_feed, pad, pos = self._prefill_feed(seqs)
+                fetch = self._samplers["prefill"][which]
             else:
                 step_feed = {
-                    self._tokens: new[:, None].astype(np.int32), self._pos: pos, self._pad: pad
+                    self._step_tokens: new[:, None].astype(np.int32), self._pos: pos,
+                    self._pad: pad,
                 }
+                fetch = self._samplers["step"][which]
                 pos += 1
 
     def encode_prompt(self, prefix: str | None) -> list[int]:

@@ -87,8 +87,18 @@ def attn(x, scope, *, layer, hparams: HParams, batch, t, bias, cache, precision:
     with tf1.variable_scope(scope):
         c = conv1d(x, "c_attn", n_state * 3, precision=precision)  # [B*T, 3C]
         q, k, v = tf.unstack(tf.reshape(c, [batch, t, 3, n_head, head_dim]), axis=2)  # [B,T,H,D]
-        # Scale q, not the [B, H, T, S] scores: one pass over T*D instead of T*S.
-        q = tf.transpose(q * (1.0 / math.sqrt(head_dim)), [0, 2, 1, 3])  # [B, H, T, D]
+        q = q * (1.0 / math.sqrt(head_dim))  # scale q, not the [B, H, T, S] scores
+        if cache is not None and isinstance(t, int) and t == 1:
+            # One new position (decoding): attend straight over the time-major cache with
+            # elementwise products, so the cached keys/values are never transposed.
+            k, v = cache.update_time_major(layer, k, v)  # [S, B, H, D]
+            w = tf.reduce_sum(k * q[:, 0][None], axis=-1)  # [S, B, H]
+            w = w + tf.transpose(bias[:, 0, 0, :])[:, :, None]  # bias [B, 1, 1, S] -> [S, B, 1]
+            w = tf.nn.softmax(w, axis=0)
+            a = tf.reduce_sum(v * w[..., None], axis=0)  # [B, H, D]
+            a = tf.reshape(a, [-1, n_state])  # [B, C]
+            return conv1d(a, "c_proj", n_state, precision=precision)
+        q = tf.transpose(q, [0, 2, 1, 3])  # [B, H, T, D]
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, H, S, D] with the earlier positions
         else:

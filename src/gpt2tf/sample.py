@@ -54,8 +54,8 @@ class KVCache:
         )
         return tf.group([v.assign(zeros) for v in self.keys + self.values])
 
-    def update(self, layer: int, k: tf.Tensor, v: tf.Tensor):
-        """Write k, v ([B, T, H, D]) at pos..pos+T-1; return all keys/values [B, H, pos+T, D]."""
+    def update_time_major(self, layer: int, k: tf.Tensor, v: tf.Tensor):
+        """Write k, v ([B, T, H, D]) at pos..pos+T-1; return all keys/values [S, B, H, D]."""
         t = tf.shape(k)[1]
         slots = self.pos + tf.range(t)  # [T]
         visible = tf.range(self.pos + t)  # [S]
@@ -63,9 +63,13 @@ class KVCache:
         for var, new in ((self.keys[layer], k), (self.values[layer], v)):
             write = tf1.scatter_update(var, slots, tf.transpose(new, [1, 0, 2, 3]))  # [T, B, H, D]
             with tf.control_dependencies([write]):
-                rows = var.sparse_read(visible)  # [S, B, H, D]
-            out.append(tf.transpose(rows, [1, 2, 0, 3]))  # [B, H, S, D]
+                out.append(var.sparse_read(visible))  # [S, B, H, D]
         return out[0], out[1]
+
+    def update(self, layer: int, k: tf.Tensor, v: tf.Tensor):
+        """Write k, v ([B, T, H, D]) at pos..pos+T-1; return all keys/values [B, H, pos+T, D]."""
+        k_all, v_all = self.update_time_major(layer, k, v)
+        return tf.transpose(k_all, [1, 2, 0, 3]), tf.transpose(v_all, [1, 2, 0, 3])
 
 
 def _pick(cum: tf.Tensor, uniform: tf.Tensor) -> tf.Tensor:
