@@ -130,9 +130,8 @@ def generate(
     if destination_path:
         inference.write_samples(destination_path, texts, sample_delim)
     elif not return_as_list:
-        delim = sample_delim if nsamples > 1 else ""
         for text in texts:
-            print(f"{text}\n{delim}", end="")
+            print(inference.format_sample(text, sample_delim, nsamples), end="")
     if return_as_list:
         return texts
     return None

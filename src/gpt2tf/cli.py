@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Callable
 
+from gpt2tf.api import DEFAULT_SAMPLE_DELIM
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF's C++ start-up chatter hides real output
 
 
@@ -141,7 +143,7 @@ def generate(
     truncate: str = "",
     include_prefix: bool = True,
     destination_path: str = "",
-    sample_delim: str = "=" * 20 + "\n",
+    sample_delim: str = DEFAULT_SAMPLE_DELIM,
     stop_at_eot: bool = True,
 ):
     """Sample text from a model (--model_name) or a fine-tuned run (--run_name).
@@ -156,7 +158,7 @@ def generate(
     with gen:
         def show(i, text):
             if not destination_path:
-                print(f"{text}\n{sample_delim if nsamples > 1 else ''}", end="", flush=True)
+                print(inference.format_sample(text, sample_delim, nsamples), end="", flush=True)
 
         texts = inference.generate_texts(
             gen, prefix=str(prefix) if prefix != "" else None, nsamples=nsamples,

@@ -347,7 +347,7 @@ class Sample:
         self.tokens: list[int] = []
         self.done = False
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._streamed = ""
+        self._tail = ""  # the last characters, enough to see a truncate string arrive
 
     def add(self, token: int, eot: int | None) -> str | None:
         """Append a token unless the sample is complete; return its newly complete text."""
@@ -358,9 +358,9 @@ class Sample:
             return None
         self.tokens.append(token)
         piece = self._decoder.decode(self.encoder.decode_bytes([token]))
-        self._streamed += piece
-        if self.truncate and self.truncate in self._streamed[-(len(piece) + len(self.truncate)):]:
-            self.done = True
+        if self.truncate:
+            self._tail = (self._tail + piece)[-(len(piece) + len(self.truncate)):]
+            self.done = self.truncate in self._tail
         return piece
 
     @property
@@ -369,9 +369,6 @@ class Sample:
         if self.truncate:
             text = text.split(self.truncate, 1)[0]
         return text
-
-
-DEFAULT_SAMPLE_DELIM = "=" * 20 + "\n"
 
 
 def generate_texts(
@@ -412,12 +409,15 @@ def generate_texts(
     return texts
 
 
+def format_sample(text: str, sample_delim: str, nsamples: int) -> str:
+    """One sample as gpt-2-simple prints and writes it: text, newline, delimiter (none if alone)."""
+    return f"{text}\n{sample_delim if nsamples > 1 else ''}"
+
+
 def write_samples(path: str | os.PathLike, texts: list[str], sample_delim: str) -> None:
     """Write samples the way gpt-2-simple's generate_to_file does, atomically."""
     from gpt2tf import fileio
 
-    if len(texts) == 1:
-        sample_delim = ""
     with fileio.atomic_open(path, "w") as f:
         for text in texts:
-            f.write(f"{text}\n{sample_delim}")
+            f.write(format_sample(text, sample_delim, len(texts)))
