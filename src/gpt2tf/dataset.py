@@ -3,7 +3,7 @@
 Everything streams with bounded memory: files are decoded block by block (strictly: a byte that is
 not valid in `encoding` is an error naming the file and offset, never dropped), long texts are cut
 only where GPT-2's pre-tokenizer splits anyway (so the ids equal encoding the whole text at once),
-and `encode_to_npz` spools the ids to a temporary file before writing the .npz.
+and `encode_to_npz` deflates the ids into the .npz while encoding goes on (gpt2tf.npzwriter).
 
 Documents (files, csv rows, jsonl lines) are joined by exactly one `<|endoftext|>` token: none is
 added next to a document that already ends or starts with one, and empty documents add nothing.
@@ -14,10 +14,8 @@ import codecs
 import contextlib
 import csv
 import glob
-import io
 import json
 import os
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -28,11 +26,10 @@ import numpy as np
 from gpt2tf import fileio, paths
 from gpt2tf.encoder import ENDOFTEXT, STARTOFTEXT, Encoder
 from gpt2tf.errors import UserError
+from gpt2tf.npzwriter import NpzWriter
 
 READ_BYTES = 1 << 20  # bytes read from a file at a time
 BLOCK_CHARS = 1 << 20  # a long text is encoded in pieces of about this many characters
-COPY_BYTES = 1 << 22  # token bytes copied into the .npz at a time
-NPZ_MEMBER = "arr_0.npy"  # np.savez's name for the first positional array
 
 ProgressFn = Callable[[int], None]
 
@@ -376,22 +373,6 @@ def _check_out_path(out_path: str) -> Path:
     return out
 
 
-def _write_npz(raw: io.BufferedIOBase, n_tokens: int, out: Path) -> None:
-    """Write `n_tokens` int32 ids from `raw` as arr_0 of an .npz, atomically, in chunks."""
-    header = {
-        "descr": np.lib.format.dtype_to_descr(np.dtype("<i4")),
-        "fortran_order": False,
-        "shape": (n_tokens,),
-    }
-    raw.seek(0)
-    with fileio.atomic_open(out, "wb") as f:
-        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-            with zf.open(NPZ_MEMBER, "w", force_zip64=True) as member:
-                np.lib.format.write_array_header_1_0(member, header)
-                while chunk := raw.read(COPY_BYTES):
-                    member.write(chunk)
-
-
 def _total_bytes(files: list[Path]) -> int:
     total = 0
     for f in files:
@@ -448,8 +429,9 @@ def encode_to_npz(
         bar.update(n)
 
     try:
-        with tempfile.TemporaryFile(dir=out.parent, prefix=f".{out.name}.") as raw:
-            sink = _TokenSink(encoder, lambda ids: ids.astype("<i4", copy=False).tofile(raw))
+        # Ids are deflated into the .npz on a background thread as they come (see npzwriter).
+        with NpzWriter(out) as writer:
+            sink = _TokenSink(encoder, writer.write)
             documents = (
                 doc
                 for file in files
@@ -460,8 +442,6 @@ def encode_to_npz(
             _encode_documents(documents, encoder, sink)
             if sink.count == 0:
                 raise UserError(f"input {in_path} holds no text to encode")
-            raw.flush()
-            _write_npz(raw, sink.count, out)
     except OSError as e:
         bar.leave = False
         raise UserError(f"cannot write {out_path}: {e.strerror or e}") from None

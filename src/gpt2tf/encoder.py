@@ -32,6 +32,11 @@ GPT2_VOCAB_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b772
 # OpenAI's pre-tokenizer, unchanged (src/encoder.py). Contractions, letters, numbers and other
 # symbols each take at most one leading space; whitespace before a non-space is left for it.
 PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# The same pattern for tiktoken's regex engine with the contractions folded into one branch: the
+# seven alternatives all start with an apostrophe and differ in their next letter, so both forms
+# match the same text at every position, and this one runs ~20% faster in fancy-regex (tests
+# check its ids against the pure-Python encoder above).
+FAST_PAT_STR = r"""'(?:[stmd]|re|ve|ll)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 _CACHE_SIZE = 1 << 16  # pre-token -> ids entries kept by the pure-Python path
 
@@ -154,9 +159,7 @@ class Encoder:
         self._byte_chars = frozenset(self.byte_decoder)
         self._pat = regex.compile(PAT_STR)
         self._piece_ids = functools.lru_cache(maxsize=_CACHE_SIZE)(self._piece_ids_uncached)
-        self._id_bytes: list[bytes | None] = [None] * self.n_vocab
-        for token, idx in self.encoder.items():
-            self._id_bytes[idx] = self._token_bytes(token)
+        self._id_bytes = self._all_token_bytes()
 
         self._tiktoken_exact = tiktoken_exact
         exact = tiktoken_exact or not self.bpe_ranks
@@ -178,11 +181,12 @@ class Encoder:
     ) -> "Encoder":
         """Build from the contents of encoder.json and vocab.bpe; `source` names them in errors."""
         where = source or "vocabulary"
-        encoder = _parse_encoder_json(encoder_json, where)
         is_gpt2 = (
             _sha256(encoder_json) == GPT2_ENCODER_SHA256
             and _sha256(vocab_bpe) == GPT2_VOCAB_SHA256
         )
+        # GPT-2's own files are known good (by sha256): skip checking them entry by entry.
+        encoder = json.loads(encoder_json) if is_gpt2 else _parse_encoder_json(encoder_json, where)
         if is_gpt2:
             merges = functools.partial(_parse_vocab_bpe, vocab_bpe, where)  # pure path only
         else:
@@ -203,6 +207,24 @@ class Encoder:
                     " encoder.json lacks: the two files do not belong together"
                 )
 
+    def _all_token_bytes(self) -> list[bytes | None]:
+        """id -> the token's raw bytes (None for unused ids)."""
+        out: list[bytes | None] = [None] * self.n_vocab
+        tokens = list(self.encoder)
+        joined = "".join(tokens)
+        if not self._byte_chars.issuperset(joined):  # special tokens outside the byte alphabet
+            for token, idx in self.encoder.items():
+                out[idx] = self._token_bytes(token)
+            return out
+        # One translate for the whole vocabulary: every character is exactly one byte.
+        blob = joined.translate(self._unbyte_table).encode("latin-1")
+        start = 0
+        for token, idx in zip(tokens, self.encoder.values()):
+            end = start + len(token)
+            out[idx] = blob[start:end]
+            start = end
+        return out
+
     def _token_bytes(self, token: str) -> bytes:
         if self._byte_chars.issuperset(token):
             return token.translate(self._unbyte_table).encode("latin-1")
@@ -215,14 +237,14 @@ class Encoder:
         # GPT-2's files (and with no merges at all) that picks the same merges as the pair ranks,
         # so the mergeable ranks are the 256 bytes plus each merge's result, under their own ids.
         if self._tiktoken_exact:
-            mergeable = {tok for tok in self.encoder if tok != ENDOFTEXT}
+            eot = self.encoder.get(ENDOFTEXT)
+            ranks = {b: i for i, b in enumerate(self._id_bytes) if b is not None and i != eot}
         else:  # no merges: the 256 bytes alone
-            mergeable = set(self.byte_decoder)
-        ranks = {self._id_bytes[self.encoder[tok]]: self.encoder[tok] for tok in mergeable}
+            ranks = {self._id_bytes[self.encoder[ch]]: self.encoder[ch] for ch in self.byte_decoder}
         special = {ENDOFTEXT: self.eot_token} if self.eot_token is not None else {}
         return tiktoken.Encoding(
             name=f"gpt2tf:{self.source}",
-            pat_str=PAT_STR,
+            pat_str=FAST_PAT_STR,
             mergeable_ranks=ranks,
             special_tokens=special,
         )
