@@ -93,3 +93,23 @@ def test_temperature_sharpens(run_sampler):
     # at T=0.1 token 0 has ~98% of the mass; u=0.95 still picks it; at T=1 it picks token 1
     got = run_sampler(logits, [0.95, 0.95], temp=[0.1, 1.0])
     np.testing.assert_array_equal(got, [0, 1])
+
+
+def test_two_level_pick_matches_a_full_cumsum(run_sampler):
+    # 50257 tokens span 197 blocks of the two-level search: every pick equals numpy's
+    # inverse CDF over the whole row (targets within rounding of a boundary are skipped).
+    rng = np.random.default_rng(1)
+    logits = rng.normal(scale=3.0, size=[1, 50257])
+    p = np.exp(logits[0] - logits[0].max())
+    cum = np.cumsum(p / p.sum())
+    u = rng.random(300)
+    u = u[np.min(np.abs(cum[None, :] - u[:, None]), axis=1) > 1e-5]
+    got = np.concatenate([run_sampler(logits, [x]) for x in u])
+    np.testing.assert_array_equal(got, np.searchsorted(cum, u, side="right"))
+
+
+def test_pick_never_lands_on_a_zero_probability_token(run_sampler):
+    logits = np.full([1, 1000], -np.inf)
+    logits[0, [3, 700]] = [0.0, -1.0]
+    got = {int(run_sampler(logits, [u])[0]) for u in (0.0, 0.5, 0.72, 0.73, 0.999999, 0.9999999)}
+    assert got == {3, 700}

@@ -81,23 +81,30 @@ def attn(x, scope, *, layer, hparams: HParams, batch, t, bias, cache, precision:
     """Multi-head causal self-attention.
 
     x: [B*T, C]; bias: additive mask broadcastable to [B, H, T, S] (0 keep, MASK_VALUE drop),
-    where S = T without a cache and S = positions so far with one.
+    where S = T without a cache and S = positions so far with one; [S, B, 1] when decoding
+    one position (T=1) over a cache.
     """
     n_state, n_head, head_dim = hparams.n_embd, hparams.n_head, hparams.head_dim
     with tf1.variable_scope(scope):
         c = conv1d(x, "c_attn", n_state * 3, precision=precision)  # [B*T, 3C]
-        q, k, v = tf.unstack(tf.reshape(c, [batch, t, 3, n_head, head_dim]), axis=2)  # [B,T,H,D]
-        q = q * (1.0 / math.sqrt(head_dim))  # scale q, not the [B, H, T, S] scores
         if cache is not None and isinstance(t, int) and t == 1:
             # One new position (decoding): attend straight over the time-major cache with
-            # elementwise products, so the cached keys/values are never transposed.
-            k, v = cache.update_time_major(layer, k, v)  # [S, B, H, D]
-            w = tf.reduce_sum(k * q[:, 0][None], axis=-1)  # [S, B, H]
-            w = w + tf.transpose(bias[:, 0, 0, :])[:, :, None]  # bias [B, 1, 1, S] -> [S, B, 1]
-            w = tf.nn.softmax(w, axis=0)
-            a = tf.reduce_sum(v * w[..., None], axis=0)  # [B, H, D]
+            # elementwise products, so the cached keys/values are never transposed. Every op
+            # here runs once per layer and token, so the new row is reshaped, never transposed.
+            q, k, v = tf.unstack(tf.reshape(c, [1, -1, 3, n_head, head_dim]), axis=2)
+            q = q * (1.0 / math.sqrt(head_dim))  # [1, B, H, D]
+            k, v = cache.update_rows(layer, k, v)  # [S, B, H, D]
+            w = tf.reduce_sum(k * q, axis=-1) + bias  # [S, B, H]; bias: [S, B, 1]
+            # Softmax over S by hand, normalised after the weighted sum: tf.nn.softmax over
+            # axis 0 would transpose twice, and oneDNN rebuilds its softmax and transpose
+            # kernels for every new S, i.e. every step (~0.1 ms per layer).
+            e = tf.exp(w - tf.reduce_max(w, axis=0, keepdims=True))  # [S, B, H]
+            a = tf.reduce_sum(v * e[..., None], axis=0)  # [B, H, D]
+            a = a / tf.reduce_sum(e, axis=0)[..., None]
             a = tf.reshape(a, [-1, n_state])  # [B, C]
             return conv1d(a, "c_proj", n_state, precision=precision)
+        q, k, v = tf.unstack(tf.reshape(c, [batch, t, 3, n_head, head_dim]), axis=2)  # [B,T,H,D]
+        q = q * (1.0 / math.sqrt(head_dim))  # scale q, not the [B, H, T, S] scores
         q = tf.transpose(q, [0, 2, 1, 3])  # [B, H, T, D]
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, H, S, D] with the earlier positions
@@ -171,6 +178,12 @@ def model(
         if cache is None:
             positions = tf.range(t)[None, :]  # [1, T]
             bias = causal_bias(t)
+        elif isinstance(t, int) and t == 1:
+            # Decoding one position: the mask is built once per step, in the [S, B, 1] layout
+            # the time-major attention adds it in.
+            positions = tf.maximum(pos - pad, 0)[:, None]  # [B, 1]
+            keys = tf.range(pos + 1)[:, None]  # [S, 1]
+            bias = tf.where(keys >= pad[None, :], 0.0, MASK_VALUE)[:, :, None]  # [S, B, 1]
         else:
             cache_pos = pos + tf.range(t)  # [T] cache slots written by this call
             positions = tf.maximum(cache_pos[None, :] - pad[:, None], 0)  # [B, T]
