@@ -6,13 +6,14 @@ writing the .npz) on the same input: tinyshakespeare repeated to --mb megabytes.
 each, the ratio, and whether the token ids are identical (gpt-2-simple's arrays concatenated; the
 input holds no <|endoftext|>, so its 7-token bug does not show).
 
-    python benchmarks/bench_encode.py            # 20 MB; gpt-2-simple takes minutes
-    python benchmarks/bench_encode.py --mb 2     # a quick check
+    python benchmarks/bench_encode.py            # 20 MB, 3 alternating rounds (~90 s)
+    python benchmarks/bench_encode.py --mb 2 --rounds 1     # a quick check
 """
 
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,7 @@ def main() -> None:
         help="folder with encoder.json, vocab.bpe, tinyshakespeare.txt (default ../shared/data)",
     )
     parser.add_argument("--skip_simple", action="store_true", help="time only our encode.py")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_encode_") as tmp:
@@ -81,24 +83,34 @@ def main() -> None:
         print(f"input: tinyshakespeare repeated to {mb:.1f} MB, {os.cpu_count()} CPUs", flush=True)
 
         ours_out = tmp / "ours.npz"
-        ours_cmd = [sys.executable, str(REPO / "encode.py"), str(src), str(ours_out)]
-        ours_s = run([*ours_cmd, "--models_dir", str(models), "--model_name", "124M"], "gpt2tf")
-        with np.load(ours_out) as npz:
-            ours = np.concatenate([npz[k] for k in npz.files])
-        print(f"gpt2tf:      {mb / ours_s:8.2f} MB/s  ({ours_s:.2f} s, {len(ours)} tokens)")
-        if args.skip_simple:
-            return
-
+        ours_cmd = [sys.executable, str(REPO / "encode.py"), str(src), str(ours_out),
+                    "--models_dir", str(models), "--model_name", "124M"]
         simple_out = tmp / "simple.npz"
         simple_cmd = [sys.executable, "-c", SIMPLE_SCRIPT, str(src), str(models), str(simple_out)]
-        simple_s = run(simple_cmd, "gpt-2-simple")
+        # Alternate the two commands over rounds: this shared machine's speed drifts, so each
+        # ratio compares neighbours, and the medians are reported.
+        ours_runs, simple_runs = [], []
+        for r in range(args.rounds):
+            ours_runs.append(run(ours_cmd, f"gpt2tf, round {r + 1}"))
+            if not args.skip_simple:
+                simple_runs.append(run(simple_cmd, f"gpt-2-simple, round {r + 1}"))
+        with np.load(ours_out) as npz:
+            ours = np.concatenate([npz[k] for k in npz.files])
+        ours_s = statistics.median(ours_runs)
+        print(f"gpt2tf:       {mb / ours_s:8.2f} MB/s  (median {ours_s:.2f} s, {len(ours)} tokens;"
+              f" rounds {', '.join(f'{x:.2f}' for x in ours_runs)} s)")
+        if args.skip_simple:
+            return
         with np.load(simple_out) as npz:
             simple = np.concatenate([npz[k] for k in npz.files])
         identical = ours.shape == simple.shape and bool(np.array_equal(ours, simple))
-
-        print(f"gpt2tf:       {mb / ours_s:8.2f} MB/s  ({ours_s:.2f} s, {len(ours)} tokens)")
-        print(f"gpt-2-simple: {mb / simple_s:8.2f} MB/s  ({simple_s:.2f} s, {len(simple)} tokens)")
-        print(f"speed-up: {simple_s / ours_s:.1f}x (target >= 10x); identical ids: {identical}")
+        simple_s = statistics.median(simple_runs)
+        ratios = [s_ / o for o, s_ in zip(ours_runs, simple_runs)]
+        print(f"gpt-2-simple: {mb / simple_s:8.2f} MB/s  (median {simple_s:.2f} s,"
+              f" {len(simple)} tokens; rounds {', '.join(f'{x:.2f}' for x in simple_runs)} s)")
+        print(f"speed-up: {statistics.median(ratios):.1f}x median of rounds"
+              f" ({', '.join(f'{x:.1f}' for x in ratios)}; target >= 10x);"
+              f" identical ids: {identical}")
 
 
 if __name__ == "__main__":
