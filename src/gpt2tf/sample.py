@@ -55,29 +55,30 @@ class KVCache:
         )
         return tf.group([v.assign(zeros) for v in self.keys + self.values])
 
-    def update_rows(self, layer: int, k: tf.Tensor, v: tf.Tensor):
-        """One new position: write k, v ([1, B, H, D]) at pos; return rows 0..pos [S, B, H, D]."""
-        if self._step_rows is None:  # shared by every layer of the step graph
-            self._step_rows = (self.pos[None], tf.range(self.pos + 1))
-        slots, visible = self._step_rows
+    def _write_read(self, layer: int, slots, visible, k: tf.Tensor, v: tf.Tensor):
+        """Scatter k, v ([T, B, H, D]) into rows `slots`, then read rows `visible` of each."""
         out = []
         for var, new in ((self.keys[layer], k), (self.values[layer], v)):
             write = tf1.scatter_update(var, slots, new)
             with tf.control_dependencies([write]):
-                out.append(var.sparse_read(visible))
+                out.append(var.sparse_read(visible))  # [S, B, H, D]
         return out[0], out[1]
+
+    def update_rows(self, layer: int, k: tf.Tensor, v: tf.Tensor):
+        """One new position: write k, v ([1, B, H, D]) at pos; return rows 0..pos [S, B, H, D]."""
+        if self._step_rows is None:  # shared by every layer of the step graph
+            self._step_rows = (self.pos[None], tf.range(self.pos + 1))
+        return self._write_read(layer, *self._step_rows, k, v)
 
     def update_time_major(self, layer: int, k: tf.Tensor, v: tf.Tensor):
         """Write k, v ([B, T, H, D]) at pos..pos+T-1; return all keys/values [S, B, H, D]."""
         t = tf.shape(k)[1]
         slots = self.pos + tf.range(t)  # [T]
         visible = tf.range(self.pos + t)  # [S]
-        out = []
-        for var, new in ((self.keys[layer], k), (self.values[layer], v)):
-            write = tf1.scatter_update(var, slots, tf.transpose(new, [1, 0, 2, 3]))  # [T, B, H, D]
-            with tf.control_dependencies([write]):
-                out.append(var.sparse_read(visible))  # [S, B, H, D]
-        return out[0], out[1]
+        to_rows = [1, 0, 2, 3]  # [B, T, H, D] -> [T, B, H, D]
+        return self._write_read(
+            layer, slots, visible, tf.transpose(k, to_rows), tf.transpose(v, to_rows)
+        )
 
     def update(self, layer: int, k: tf.Tensor, v: tf.Tensor):
         """Write k, v ([B, T, H, D]) at pos..pos+T-1; return all keys/values [B, H, pos+T, D]."""
