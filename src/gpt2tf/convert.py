@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2tf import fileio, modeldir, paths
-from gpt2tf.encoder import ENDOFTEXT, GPT2_ENCODER_SHA256
+from gpt2tf import fileio, modeldir
+from gpt2tf.encoder import ENDOFTEXT, GPT2_ENCODER_SHA256, parse_encoder_json
 from gpt2tf.errors import UserError
 from gpt2tf.hparams import HParams
 
@@ -100,7 +100,7 @@ def to_hf(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     check_out_dir(out_dir)
     hparams = modeldir.load_hparams(src_dir)
     encoder_json, vocab_bpe = modeldir.read_vocab_files(src_dir)
-    eot = eot_id(encoder_json, hparams, source=str(src_dir / paths.ENCODER))
+    eot = eot_id(encoder_json, hparams, source=str(src_dir))
     prefix = modeldir.latest_checkpoint(src_dir)
     checkpoints.check_compatible(prefix, hparams)
     weights = checkpoints.read_weights(prefix)
@@ -136,18 +136,11 @@ def to_hf(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
 def eot_id(encoder_json: bytes, hparams: HParams, *, source: str) -> int | None:
     """The id of <|endoftext|> (None if the vocabulary has none); checks the vocabulary fits."""
-    try:
-        vocab = json.loads(encoder_json.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{source} is not valid UTF-8 JSON ({e}); re-download the model") from None
-    if not isinstance(vocab, dict) or not vocab:
-        raise UserError(f"{source} must be a non-empty JSON object of token: id")
-    ids = [i for i in vocab.values() if isinstance(i, int) and not isinstance(i, bool)]
-    if len(ids) != len(vocab) or min(ids) < 0:
-        raise UserError(f"{source}: every id must be an integer >= 0")
-    if max(ids) >= hparams.n_vocab:
+    vocab = parse_encoder_json(encoder_json, source)
+    top = max(vocab.values())
+    if top >= hparams.n_vocab:
         raise UserError(
-            f"{source} has token id {max(ids)} but hparams n_vocab={hparams.n_vocab}:"
+            f"{source}: encoder.json has token id {top} but hparams n_vocab={hparams.n_vocab}:"
             " the vocabulary does not belong to this model"
         )
     return vocab.get(ENDOFTEXT)

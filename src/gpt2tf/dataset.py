@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from gpt2tf import fileio, paths
+from gpt2tf import paths
 from gpt2tf.encoder import ENDOFTEXT, STARTOFTEXT, Encoder
 from gpt2tf.errors import UserError
 from gpt2tf.npzwriter import NpzWriter

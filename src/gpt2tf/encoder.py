@@ -82,7 +82,8 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _parse_encoder_json(raw: bytes, source: str) -> dict[str, int]:
+def parse_encoder_json(raw: bytes, source: str) -> dict[str, int]:
+    """encoder.json's token -> id map, checked: a JSON object of distinct integer ids >= 0."""
     try:
         vocab = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -186,7 +187,7 @@ class Encoder:
             and _sha256(vocab_bpe) == GPT2_VOCAB_SHA256
         )
         # GPT-2's own files are known good (by sha256): skip checking them entry by entry.
-        encoder = json.loads(encoder_json) if is_gpt2 else _parse_encoder_json(encoder_json, where)
+        encoder = json.loads(encoder_json) if is_gpt2 else parse_encoder_json(encoder_json, where)
         if is_gpt2:
             merges = functools.partial(_parse_vocab_bpe, vocab_bpe, where)  # pure path only
         else:
