@@ -75,16 +75,16 @@ def timed_call(b):
 OURS = r"""
 import json, sys, time
 t0 = time.perf_counter()
-from gpt2tf.cli import quiet_tensorflow_import
+from gpt2tf.quiet import import_tensorflow as quiet_tensorflow_import
 quiet_tensorflow_import()
-from gpt2tf import inference
-gen = inference.Generator(sys.argv[1])
+from gpt2tf.decode import decoder, generator
+gen = generator.Generator(sys.argv[1])
 load = time.perf_counter() - t0
 tokens = int(sys.argv[2])
 ctx = gen.encode_prompt(%(prompt)r)
-params = inference.SamplingParams(temperature=%(temp)r)
+params = decoder.SamplingParams(temperature=%(temp)r)
 t = time.perf_counter()
-next(gen.stream([ctx], length=1, params=params, rngs=[inference.sample_seed(0, 0)]))
+next(gen.stream([ctx], length=1, params=params, rngs=[decoder.sample_seed(0, 0)]))
 first = time.perf_counter() - t
 warm, calls = set(), 0
 

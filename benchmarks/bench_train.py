@@ -61,7 +61,9 @@ def cache_dir() -> Path:
 
 def prepare(cache: Path) -> tuple[Path, Path]:
     """The random 124M model directory (GPT-2 vocabulary) and tinyshakespeare as .npz."""
-    from gpt2tf import checkpoints, dataset, modeldir
+    from gpt2tf import checkpoints
+    from gpt2tf.data import encode as dataset
+    from gpt2tf.source import ModelSource
     from gpt2tf.hparams import HParams
 
     models = cache / "models"
@@ -73,7 +75,7 @@ def prepare(cache: Path) -> tuple[Path, Path]:
     if not data.is_file():
         dataset.encode_to_npz(
             str(SHARED_DATA / "tinyshakespeare.txt"), str(data),
-            encoder=modeldir.load_encoder(models / MODEL_NAME), progress=False,
+            encoder=ModelSource.at(models / MODEL_NAME).encoder, progress=False,
         )
     return models, data
 

@@ -75,7 +75,7 @@ def run_config(precision: str, xla: bool, batch: int, steps: int, warmup: int, h
     import numpy as np
     import tensorflow as tf
 
-    from gpt2tf import train_step
+    from gpt2tf.train import step as train_step
 
     tf1 = tf.compat.v1
     cfg = train_step.StepConfig(precision=precision, learning_rate=1e-4, optimizer="adam")

@@ -23,7 +23,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_generator(tiny_model_dir):
-    from gpt2tf.inference import Generator
+    from gpt2tf.decode.generator import Generator
 
     gen = Generator(tiny_model_dir)
     yield gen

@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from shared_data import shared_data_dir
 
-from gpt2tf import checkpoints, cli, convert, encoder, model, modeldir
+from gpt2tf import checkpoints, cli, convert, encoder, model, source
 from gpt2tf.errors import UserError
 from gpt2tf.hparams import HParams
 
@@ -38,8 +38,8 @@ def make_model_dir(path: Path, hparams: HParams = TINY, *, vocab=None, seed: int
 
 def read_model_dir(path: Path):
     """(hparams, weights, (encoder.json bytes, vocab.bpe bytes)) of a model directory."""
-    weights = checkpoints.read_weights(modeldir.latest_checkpoint(path))
-    return modeldir.load_hparams(path), weights, modeldir.read_vocab_files(path)
+    weights = checkpoints.read_weights(source.ModelSource.at(path).latest_checkpoint())
+    return source.ModelSource.at(path).hparams, weights, source.read_vocab_files(path)
 
 
 def assert_same_model(a: Path, b: Path) -> None:
@@ -71,7 +71,7 @@ def tiny_hf(tiny_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def gpt2_vocab_dir(tmp_path_factory) -> Path:
     """A tiny model with GPT-2's real 50257-token vocabulary."""
-    vocab = modeldir.read_vocab_files(shared_data_dir())
+    vocab = source.read_vocab_files(shared_data_dir())
     hp = HParams(n_vocab=50257, n_ctx=16, n_embd=8, n_head=2, n_layer=1)
     return make_model_dir(tmp_path_factory.mktemp("real") / "model", hp, vocab=vocab, seed=3)
 
@@ -129,7 +129,7 @@ def test_to_hf_tokenizer_gives_gpt2_ids(gpt2_vocab_dir, tmp_path):
     assert tok.decode([31373, 995]) == "hello world"
     assert tok("<|endoftext|>")["input_ids"] == [50256]  # one special token, as ours
     assert tok.eos_token_id == tok.bos_token_id == 50256
-    ours = modeldir.load_encoder(gpt2_vocab_dir)
+    ours = source.ModelSource.at(gpt2_vocab_dir).encoder
     text = "Ünïcødé  text, numbers 12345 and emoji 🤗<|endoftext|>\n\n tabs\there's"
     assert tok(text)["input_ids"] == ours.encode(text)
 
@@ -241,7 +241,7 @@ def write_hf_vocab(hf_dir: Path) -> None:
 def assert_logits_match(hf, model_dir: Path) -> None:
     import torch
 
-    from gpt2tf.inference import Generator
+    from gpt2tf.decode.generator import Generator
 
     tokens = np.random.default_rng(0).integers(0, 257, size=[2, 24])
     with torch.no_grad():
@@ -270,7 +270,7 @@ def test_from_hf_transformers_model_logits_match(fmt, tmp_path):
         assert not (hf_dir / "model.safetensors").exists()
     write_hf_vocab(hf_dir)
     out = convert.from_hf(hf_dir, tmp_path / "out")
-    assert modeldir.load_hparams(out) == HParams(
+    assert source.ModelSource.at(out).hparams == HParams(
         n_vocab=257, n_ctx=24, n_embd=16, n_head=4, n_layer=6
     )
     # merges.txt had no header: vocab.bpe gets one, as OpenAI's encoder.py expects

@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from shared_data import shared_data_dir
 
-from gpt2tf import dataset
+from gpt2tf.data import documents, encode, sampler
 from gpt2tf.cli import encode_main
-from gpt2tf.dataset import Sampler, encode_to_npz, load_tokens
+from gpt2tf.data.encode import encode_to_npz, load_tokens
+from gpt2tf.data.sampler import Sampler
 from gpt2tf.encoder import ENDOFTEXT, PAT_STR, STARTOFTEXT, Encoder, byte_level_vocab
 from gpt2tf.errors import UserError
 
@@ -156,7 +157,7 @@ def test_tinyshakespeare_split_equals_whole(gpt2):
     data = shared_data_dir("tinyshakespeare.txt")
     text = (data / "tinyshakespeare.txt").read_text("utf-8")
     blocks = [text[i : i + 10_000] for i in range(0, len(text), 10_000)]
-    pieces = list(dataset.split_blocks(blocks, min_chars=50_000))
+    pieces = list(encode.split_blocks(blocks, min_chars=50_000))
     assert len(pieces) > 10 and "".join(pieces) == text
     assert [t for p in gpt2.encode_batch(pieces) for t in p] == gpt2.encode(text)
 
@@ -181,7 +182,7 @@ def test_every_cut_is_a_pretokenizer_boundary(text):
 @given(st.lists(SPLITTY, max_size=8), st.integers(1, 40))
 def test_split_blocks_keeps_text_and_cuts_at_boundaries(blocks, min_chars):
     text = "".join(blocks)
-    pieces = list(dataset.split_blocks(blocks, min_chars))
+    pieces = list(encode.split_blocks(blocks, min_chars))
     assert "".join(pieces) == text
     assert all(pieces)
     starts = {m.start() for m in _PRETOKEN.finditer(text)}
@@ -211,10 +212,10 @@ def test_bad_byte_offset_across_read_blocks(tmp_path, tiny, monkeypatch):
     data = "aé日本".encode() + b"\xff" + b"tail"  # a=1, é=2, 日=3, 本=3 bytes: 0xff at 9
     src.write_bytes(data)
     with pytest.raises(UserError, match="offset 9 "):
-        list(dataset.read_text_blocks(src))
+        list(documents.read_text_blocks(src))
     src.write_bytes("ab日".encode()[:-1])  # truncated at the end of the file
     with pytest.raises(UserError, match="offset 2 "):
-        list(dataset.read_text_blocks(src))
+        list(documents.read_text_blocks(src))
 
 
 def test_cli_reports_encoding_error_then_latin1_works(tmp_path, models_dir, capsys):
@@ -413,13 +414,13 @@ def test_fixed_windows_are_fixed():
 
 def test_split_holds_out_the_last_tokens():
     chunks = [np.arange(60), np.arange(100, 140)]
-    train, val = dataset.split_tokens(chunks, 0.5)
+    train, val = sampler.split_tokens(chunks, 0.5)
     assert [c.tolist() for c in train] == [list(range(50))]
     assert [c.tolist() for c in val] == [list(range(50, 60)), list(range(100, 140))]
     train_s, val_s = Sampler(chunks, seed=0).split(0.1)
     assert train_s.total_size == 90 and val_s.total_size == 10
     with pytest.raises(UserError, match="val_fraction"):
-        dataset.split_tokens(chunks, 1.0)
+        sampler.split_tokens(chunks, 1.0)
 
 
 def test_dataset_module_does_not_import_tensorflow():

@@ -9,7 +9,8 @@ import pytest
 
 from gpt2tf import checkpoints, cli, paths
 from gpt2tf.errors import UserError
-from gpt2tf.inference import Generator, SamplingParams
+from gpt2tf.decode.decoder import SamplingParams
+from gpt2tf.decode.generator import Generator
 
 from conftest import TINY
 
@@ -98,7 +99,7 @@ def test_generation_stops_at_endoftext(eot_model_dir):
 
 
 def test_truncate_and_include_prefix(tiny_generator):
-    from gpt2tf import inference
+    from gpt2tf.decode import generator as inference
 
     full = inference.generate_texts(tiny_generator, prefix="xy", length=40, seed=5,
                                     stop_at_eot=False, include_prefix=False)[0]
@@ -127,7 +128,7 @@ def test_cli_generate_to_file(tiny_model_dir, tmp_path, capsys):
     text = dest.read_text(encoding="utf-8")
     assert text.count("=" * 20 + "\n") == 3 and text.startswith("ab")
     # the same seed from Python gives the same samples
-    from gpt2tf import inference
+    from gpt2tf.decode import generator as inference
     with Generator(tiny_model_dir) as gen:
         texts = inference.generate_texts(gen, prefix="ab", nsamples=3, length=12, seed=4,
                                          stop_at_eot=False)
@@ -139,7 +140,7 @@ def test_cli_generate_to_file(tiny_model_dir, tmp_path, capsys):
     (["--temperature", "-1"], "--temperature must be > 0"),
     (["--top_p", "1.5"], "--top_p must be in [0, 1]"),
     (["--top_p", "-0.1"], "--top_p must be in [0, 1]"),
-    (["--top_k", "-1"], "--top_k must be >= 0"),
+    (["--top_k", "-1"], "--top_k must be an integer in [0, 2147483647]"),
     (["--length", "0"], "--length must be an integer >= 1"),
     (["--nsamples", "0"], "--nsamples must be an integer >= 1"),
     (["--batch_size", "0"], "--batch_size must be an integer >= 1"),

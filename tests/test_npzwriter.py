@@ -7,8 +7,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from gpt2tf import npzwriter
-from gpt2tf.npzwriter import NpzWriter, npy_header
+from gpt2tf.data import npzwriter
+from gpt2tf.data.npzwriter import NpzWriter, npy_header
 
 
 def write(path, chunks):

@@ -22,13 +22,15 @@ import numpy as np
 import pytest
 import requests
 
-from gpt2tf import checkpoints, inference, serve
+from gpt2tf import checkpoints
+from gpt2tf.decode import generator as inference
+from gpt2tf.serve import app, batcher, schema, server
 from gpt2tf.errors import UserError
 from gpt2tf.hparams import HParams
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = HParams(n_vocab=257, n_ctx=128, n_embd=32, n_head=2, n_layer=2)
-LIMITS = serve.Limits(max_batch=8, queue_size=256, max_tokens_limit=20000, max_prompt_tokens=300,
+LIMITS = schema.Limits(max_batch=8, queue_size=256, max_tokens_limit=20000, max_prompt_tokens=300,
                       max_body_bytes=64_000)
 
 
@@ -43,8 +45,8 @@ def models_dir(tmp_path_factory) -> Path:
 def server(models_dir):
     """(base URL, Service) of a server that runs for the whole module."""
     with inference.Generator(models_dir / "tiny") as gen:
-        service = serve.Service(gen, model_id="tiny", limits=LIMITS)
-        with serve.serve_in_thread(service.app()) as url:
+        service = app.Service(gen, model_id="tiny", limits=LIMITS)
+        with server.serve_in_thread(service.app()) as url:
             yield url, service
 
 
@@ -319,11 +321,11 @@ def test_openai_client_works_unchanged(url):
 
 
 def test_full_queue_answers_503(models_dir):
-    limits = serve.Limits(max_batch=1, queue_size=1, max_tokens_limit=20000)
+    limits = schema.Limits(max_batch=1, queue_size=1, max_tokens_limit=20000)
     body = {"prompt": "a", "max_tokens": 20000, "ignore_eos": True, "stream": True}
     with inference.Generator(models_dir / "tiny") as gen:
-        service = serve.Service(gen, model_id="tiny", limits=limits)
-        with serve.serve_in_thread(service.app()) as url:
+        service = app.Service(gen, model_id="tiny", limits=limits)
+        with server.serve_in_thread(service.app()) as url:
             running = requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=30)
             lines = running.iter_lines()  # keep it: a dropped iterator closes the connection
             next(lines)  # the worker is busy with it
@@ -361,17 +363,17 @@ class _FakeGenerator:
 def test_batches_group_rows_that_sample_alike(models_dir, invariant):
     """Rows share a batch only with rows of the same sampler and top-k width; with
     batch_invariant every batch is padded to max_batch rows (fixed shapes, exact results)."""
-    from gpt2tf import modeldir
-    from gpt2tf.inference import SamplingParams
+    from gpt2tf.source import ModelSource
+    from gpt2tf.decode.decoder import SamplingParams
 
-    gen = _FakeGenerator(modeldir.load_encoder(models_dir / "tiny"))
-    batcher = serve.Batcher(gen, max_batch=4, queue_size=16, batch_invariant=invariant)
+    gen = _FakeGenerator(ModelSource.at(models_dir / "tiny").encoder)
+    batcher = batcher.Batcher(gen, max_batch=4, queue_size=16, batch_invariant=invariant)
     kinds = [SamplingParams(), SamplingParams(top_k=40), SamplingParams(), SamplingParams(top_k=50),
              SamplingParams(top_p=0.9), SamplingParams(), SamplingParams(top_k=40)]
 
     async def run():
-        job = serve._Job(asyncio.get_running_loop())
-        job.rows = [serve._Row(job, i, [1, 2], p, np.random.default_rng(i), 3, (), None,
+        job = batcher._Job(asyncio.get_running_loop())
+        job.rows = [batcher._Row(job, i, [1, 2], p, np.random.default_rng(i), 3, (), None,
                                gen.encoder) for i, p in enumerate(kinds)]
         batcher.submit(job.rows)  # all queued before the worker starts: a fixed grouping
         batcher.start()
@@ -396,12 +398,12 @@ def test_busy_port_is_a_user_error():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(UserError, match="cannot listen"):
-            serve.bind_socket("127.0.0.1", taken.getsockname()[1])
+            server.bind_socket("127.0.0.1", taken.getsockname()[1])
 
 
 def test_bad_limits_are_user_errors():
     with pytest.raises(UserError, match="max_batch"):
-        serve.Limits(max_batch=0)
+        schema.Limits(max_batch=0)
 
 
 def _start_cli_server(models_dir: Path, grace_s: float) -> tuple[subprocess.Popen, str]:

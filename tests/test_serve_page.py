@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from gpt2tf import checkpoints, inference, serve
+from gpt2tf import checkpoints
+from gpt2tf.decode import generator as inference
+from gpt2tf.serve import app, batcher, schema, server
 from gpt2tf.hparams import HParams
 
 CHROMIUM = os.environ.get("GPT2TF_CHROMIUM", "/usr/bin/chromium")
@@ -48,9 +50,9 @@ def browser():
 def url(tmp_path_factory):
     model = checkpoints.init_model_dir(tmp_path_factory.mktemp("models") / "tiny", TINY)
     with inference.Generator(model) as gen:
-        limits = serve.Limits(max_tokens_limit=50000)
-        service = serve.Service(gen, model_id="tiny", limits=limits)
-        with serve.serve_in_thread(service.app()) as base:
+        limits = schema.Limits(max_tokens_limit=50000)
+        service = app.Service(gen, model_id="tiny", limits=limits)
+        with server.serve_in_thread(service.app()) as base:
             yield base
 
 

@@ -38,7 +38,7 @@ def test_loss_drops_on_shakespeare_and_run_samples(tmp_path, capsys):
     """GPT-2's vocabulary on a tiny model: train and validation loss fall within 30 steps."""
     from gpt2tf import checkpoints
     from gpt2tf.hparams import HParams
-    from gpt2tf.inference import Generator
+    from gpt2tf.decode.generator import Generator
 
     text = shakespeare()
     models = tmp_path / "models"
@@ -125,7 +125,10 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path, models_dir, data, caps
 def test_fresh_refuses_existing_run_and_overwrite_replaces_it_after_saving(
     tmp_path, models_dir, data, capsys, monkeypatch
 ):
-    from gpt2tf import checkpoints, run_state
+    from pause_in_save import pause_before_commit
+
+    from gpt2tf import checkpoints
+    from gpt2tf.train import run_state
 
     args = base_args(tmp_path, models_dir, data, seq_len=16, save_every=100)
     assert train(args + ["--steps", 2], capsys)[0] == 0
@@ -144,16 +147,16 @@ def test_fresh_refuses_existing_run_and_overwrite_replaces_it_after_saving(
     class Crash(BaseException):
         pass
 
-    def crash(_seconds):
+    def crash(_prefix):
         raise Crash
 
-    monkeypatch.setenv(run_state.PAUSE_ENV, "2")
-    monkeypatch.setattr(run_state.time, "sleep", crash)
+    commit = run_state.write_checkpoint_state
+    pause_before_commit(2, crash)
     with pytest.raises(Crash):
         train(args + ["--steps", 2, "--restore_from", "fresh", "--overwrite",
                       "--learning_rate", 1e-2])
     capsys.readouterr()
-    from gpt2tf.inference import Generator
+    from gpt2tf.decode.generator import Generator
 
     with Generator(run) as gen:  # loads whatever `checkpoint` names: the old weights
         assert "replaced" in gen.checkpoint
@@ -162,7 +165,7 @@ def test_fresh_refuses_existing_run_and_overwrite_replaces_it_after_saving(
         np.testing.assert_array_equal(still[name], value)
     assert (run / "metrics.jsonl").read_bytes() == old_metrics
 
-    monkeypatch.delenv(run_state.PAUSE_ENV)
+    monkeypatch.setattr(run_state, "write_checkpoint_state", commit)
     code, _, err = train(args + ["--restore_from", "fresh", "--overwrite", "--steps", 3,
                                  "--learning_rate", 1e-2], capsys)
     assert code == 0, err
@@ -178,7 +181,7 @@ def test_fresh_refuses_existing_run_and_overwrite_replaces_it_after_saving(
 def test_sampler_resume_and_orphans_after_a_crash_between_saves(tmp_path, models_dir, data):
     """A crash after the data files but before `checkpoint` was updated: resume from the
     previous checkpoint, drop the orphan, and log each step once."""
-    from gpt2tf import run_state
+    from gpt2tf.train import run_state
 
     args = base_args(tmp_path, models_dir, data, seq_len=16, save_every=2, max_checkpoints=0)
     assert train(args + ["--steps", 4])[0] == 0
@@ -354,7 +357,7 @@ def _step_updates(hp, cfg, batches, weights):
     """Run one training step (len(batches) micro-batches); return the updated weights."""
     import tensorflow as tf
 
-    from gpt2tf import train_step
+    from gpt2tf.train import step as train_step
 
     tf1 = tf.compat.v1
     g = tf.Graph()
@@ -383,7 +386,7 @@ def tiny_weights():
 
 def test_accumulation_applies_the_mean_gradient(tiny_weights):
     """Two micro-batches of 1 == one batch of 2: the mean, not nshepperd's sum."""
-    from gpt2tf.train_step import StepConfig
+    from gpt2tf.train.config import StepConfig
 
     hp, w, batch = tiny_weights
     cfg = StepConfig(optimizer="sgd", learning_rate=0.5)
@@ -398,7 +401,7 @@ def test_accumulation_applies_the_mean_gradient(tiny_weights):
 
 
 def test_recompute_gives_the_same_gradients(tiny_weights):
-    from gpt2tf.train_step import StepConfig
+    from gpt2tf.train.config import StepConfig
 
     hp, w, batch = tiny_weights
     _, plain = _step_updates(hp, StepConfig(optimizer="sgd", learning_rate=0.5), [batch], w)
@@ -411,7 +414,7 @@ def test_recompute_gives_the_same_gradients(tiny_weights):
 
 
 def test_bf16_loss_close_to_fp32_and_clipping_bounds_the_update(tiny_weights):
-    from gpt2tf.train_step import StepConfig
+    from gpt2tf.train.config import StepConfig
 
     hp, w, batch = tiny_weights
     out32, _ = _step_updates(hp, StepConfig(), [batch], w)
@@ -427,7 +430,7 @@ def test_bf16_loss_close_to_fp32_and_clipping_bounds_the_update(tiny_weights):
 def test_learning_rate_schedule_graph_matches_python():
     import tensorflow as tf
 
-    from gpt2tf import optim
+    from gpt2tf.train import optim
 
     kw = {"base": 1e-3, "warmup_steps": 3, "schedule": "cosine", "decay_steps": 10,
           "min_ratio": 0.1}

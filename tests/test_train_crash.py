@@ -57,12 +57,11 @@ def test_kill_9_while_training_resumes_from_last_checkpoint(tmp_path, args):
 
 
 def test_kill_9_during_a_save_keeps_the_previous_checkpoint(tmp_path, args):
-    from gpt2tf import run_state
-    from gpt2tf.inference import Generator
+    from gpt2tf.train import run_state
+    from gpt2tf.decode.generator import Generator
 
     run = tmp_path / "checkpoint" / "run1"
-    child = Child(args + ["--steps", -1, "--save_every", 2],
-                  env={run_state.PAUSE_ENV: "4"})
+    child = Child(args + ["--steps", -1, "--save_every", 2], pause_in_save=4)
     child.wait_for("[test] paused in save")  # model-4's files are written, not committed
     assert (run / "model-4.index").is_file()
     os.kill(child.proc.pid, signal.SIGKILL)
@@ -97,8 +96,9 @@ def test_disk_full_during_save_is_an_error_and_latest_stays(tmp_path, args, monk
                                                             capsys, failure):
     import tensorflow as tf
 
-    from gpt2tf import fileio, run_state
-    from gpt2tf.inference import Generator
+    from gpt2tf import fileio
+    from gpt2tf.train import run_state
+    from gpt2tf.decode.generator import Generator
 
     run = tmp_path / "checkpoint" / "run1"
     saves = []

@@ -100,13 +100,17 @@ def latest_name(run_dir: Path) -> str:
 class Child:
     """train.py in a child process; a thread collects its stdout lines as they come."""
 
-    def __init__(self, args: list, *, env: dict | None = None, cwd=None):
+    def __init__(self, args: list, *, env: dict | None = None, cwd=None,
+                 pause_in_save: int | None = None):
         import queue
         import threading
 
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # pause_in_save: stall (for the test to kill it) inside the save of that step
+        script = [str(TRAIN_PY)] if pause_in_save is None else [
+            str(Path(__file__).with_name("pause_in_save.py")), str(pause_in_save)]
         self.proc = subprocess.Popen(
-            [sys.executable, str(TRAIN_PY), *[str(a) for a in args]],
+            [sys.executable, *script, *[str(a) for a in args]],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=cwd,
         )
         self.lines: list[str] = []

@@ -50,7 +50,7 @@ def workdir(tmp_path):
 
 
 def test_gpt2_simple_run_loads_and_resumes_here(workdir, capsys, caplog):
-    from gpt2tf.inference import Generator
+    from gpt2tf.decode.generator import Generator
 
     _run_gpt2_simple("""
         import gpt_2_simple as gpt2

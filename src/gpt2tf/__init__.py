@@ -4,8 +4,9 @@
 finetune, ...). TensorFlow is imported lazily, so `import gpt2tf` is cheap and has no side effects.
 """
 
-from gpt2tf.api import (  # noqa: F401
+from gpt2tf.compat import (  # noqa: F401
     Session,
+    finetune,
     download_gpt2,
     encode_dataset,
     generate,
@@ -19,9 +20,3 @@ from gpt2tf.errors import UserError  # noqa: F401
 
 __version__ = "0.1.0"
 
-
-def finetune(*args, **kwargs):
-    """gpt-2-simple's finetune(); see gpt2tf.trainer.finetune."""
-    from gpt2tf.trainer import finetune as _finetune
-
-    return _finetune(*args, **kwargs)

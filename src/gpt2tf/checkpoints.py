@@ -6,7 +6,6 @@ or our trainer load for generation like OpenAI's own files.
 """
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -135,25 +134,13 @@ def write_model_dir(
     Everything is written to a temporary sibling folder that is renamed into place at the end,
     so `out_dir` either does not exist or is complete. An existing non-empty `out_dir` is refused.
     """
-    out_dir = Path(out_dir)
-    # An empty folder may be replaced (rename(2) replaces an empty directory atomically).
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
-        raise UserError(f"{out_dir} already exists: choose a new directory or remove it first")
-    if not out_dir.parent.is_dir():
-        raise UserError(f"parent folder {out_dir.parent} does not exist: create it first")
-    tmp = fileio.temp_dir_beside(out_dir)
-    try:
+    with fileio.publish_dir(out_dir) as tmp:
         fileio.write_text(tmp / paths.HPARAMS, hparams.to_json())
         for name, content in zip(paths.VOCAB_FILES, vocab):
             with fileio.atomic_open(tmp / name, "wb") as f:
                 f.write(content)
         save_weights(str(tmp / paths.CKPT_PREFIX), hparams, weights)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fileio.fsync_dir(out_dir.parent)
-    return out_dir
+    return Path(out_dir)
 
 
 def init_model_dir(
@@ -164,10 +151,11 @@ def init_model_dir(
     seed: int = 0,
 ) -> Path:
     """A new randomly initialised model directory; byte-level vocabulary without vocab_dir."""
-    from gpt2tf import encoder, modeldir
+    from gpt2tf import encoder
+    from gpt2tf.source import read_vocab_files
 
     if vocab_dir is not None:
-        vocab = modeldir.read_vocab_files(vocab_dir)
+        vocab = read_vocab_files(vocab_dir)
     else:
         vocab = encoder.byte_level_vocab()
     enc = encoder.Encoder.from_bytes(*vocab, source=str(vocab_dir or "byte-level vocabulary"))

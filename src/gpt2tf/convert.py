@@ -16,17 +16,16 @@ and `from_hf(to_hf(d))` reproduces `d` bit for bit.
 import hashlib
 import json
 import os
-import shutil
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from gpt2tf import fileio, modeldir
+from gpt2tf import fileio
 from gpt2tf.encoder import ENDOFTEXT, GPT2_ENCODER_SHA256, parse_encoder_json
 from gpt2tf.errors import UserError
 from gpt2tf.hparams import HParams
+from gpt2tf.source import ModelSource
 
 # HuggingFace file names (ours are in gpt2tf.paths).
 HF_CONFIG = "config.json"
@@ -95,13 +94,13 @@ def to_hf(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
     from gpt2tf import checkpoints
 
-    src_dir = modeldir.check_dir(src_dir)
+    source = ModelSource.at(src_dir)
     out_dir = Path(out_dir)
-    check_out_dir(out_dir)
-    hparams = modeldir.load_hparams(src_dir)
-    encoder_json, vocab_bpe = modeldir.read_vocab_files(src_dir)
-    eot = eot_id(encoder_json, hparams, source=str(src_dir))
-    prefix = modeldir.latest_checkpoint(src_dir)
+    fileio.check_new_dir(out_dir)
+    hparams = source.hparams
+    encoder_json, vocab_bpe = source.vocab_files
+    eot = eot_id(encoder_json, hparams, source=str(source.path))
+    prefix = source.latest_checkpoint()
     checkpoints.check_compatible(prefix, hparams)
     weights = checkpoints.read_weights(prefix)
 
@@ -114,11 +113,10 @@ def to_hf(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     # No lm_head.weight: it is wte (tie_word_embeddings), and safetensors refuses to store one
     # tensor under two names; transformers re-ties it on load.
 
-    tmp = make_temp_sibling(out_dir)
-    try:
+    with fileio.publish_dir(out_dir, make_parents=True) as tmp:
         # "format": "pt" is what transformers checks before it trusts a safetensors file.
         save_file(tensors, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
-        fsync_file(tmp / HF_WEIGHTS)
+        fileio.fsync_file(tmp / HF_WEIGHTS)
         fileio.write_json(tmp / HF_CONFIG, hf_config(hparams, eot))
         fileio.write_json(tmp / HF_GENERATION_CONFIG, generation_config(eot))
         fileio.write_json(tmp / HF_TOKENIZER_CONFIG, tokenizer_config(hparams, eot))
@@ -127,10 +125,6 @@ def to_hf(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         for name, content in ((HF_VOCAB, encoder_json), (HF_MERGES, vocab_bpe)):
             with fileio.atomic_open(tmp / name, "wb") as f:
                 f.write(content)
-        publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -222,20 +216,12 @@ def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     if not hf_dir.is_dir():
         raise UserError(f"HuggingFace directory {hf_dir} not found")
     out_dir = Path(out_dir)
-    check_out_dir(out_dir)
+    fileio.check_new_dir(out_dir)
     hparams = hparams_from_config(hf_dir / HF_CONFIG)
     vocab = read_hf_vocab(hf_dir, hparams)
     weights = openai_weights(read_hf_tensors(hf_dir), hparams, source=str(hf_dir))
-    was_empty_dir = out_dir.is_dir()
-    if was_empty_dir:
-        out_dir.rmdir()  # empty (checked above); write_model_dir wants a new name
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return checkpoints.write_model_dir(out_dir, hparams, weights, vocab)
-    except BaseException:
-        if was_empty_dir and not out_dir.exists():
-            out_dir.mkdir()  # give the user's empty folder back
-        raise
+    return checkpoints.write_model_dir(out_dir, hparams, weights, vocab)
 
 
 def hparams_from_config(path: Path) -> HParams:
@@ -486,52 +472,3 @@ def openai_weights(
             " OpenAI's GPT-2 layout ties them, so this model cannot be converted"
         )
     return weights
-
-
-# === Files ===
-
-
-def check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
-        raise UserError(f"{out_dir} already exists: choose a new directory or remove it first")
-
-
-def make_temp_sibling(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return fileio.temp_dir_beside(out_dir)
-
-
-def publish(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished temp folder to out_dir (replacing an empty one)."""
-    if out_dir.is_dir():
-        out_dir.rmdir()  # fails, rightly, if something appeared in it meanwhile
-    os.rename(tmp, out_dir)
-    fileio.fsync_dir(out_dir.parent)
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-# === CLI ===
-
-
-def to_hf_cli(src_dir: str, out_dir: str):
-    """Write a HuggingFace GPT-2 directory (model.safetensors, config.json, tokenizer files).
-
-    SRC_DIR is a model directory (models/124M) or a run directory (checkpoint/run1). The result
-    loads with transformers' GPT2LMHeadModel and AutoTokenizer.from_pretrained(OUT_DIR).
-    """
-    out = to_hf(str(src_dir), str(out_dir))  # str: fire turns a name like 124 into an int
-    print(f"wrote HuggingFace GPT-2 directory {out}", file=sys.stderr)
-
-
-def from_hf_cli(hf_dir: str, out_dir: str):
-    """Turn a HuggingFace GPT-2 directory into a model directory in OpenAI's layout.
-
-    HF_DIR holds config.json, vocab.json, merges.txt and model.safetensors (or pytorch_model.bin,
-    which needs PyTorch). OUT_DIR then works with --models_dir/--model_name or as a model path.
-    """
-    out = from_hf(str(hf_dir), str(out_dir))
-    print(f"wrote model directory {out} ({modeldir.load_hparams(out)})", file=sys.stderr)

@@ -8,9 +8,12 @@ a full disk leaves the old file, never a half-written one.
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
+
+from gpt2tf.errors import UserError
 
 
 @contextlib.contextmanager
@@ -48,6 +51,41 @@ def temp_dir_beside(path: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
+
+
+@contextlib.contextmanager
+def publish_dir(path: str | os.PathLike, *, make_parents: bool = False) -> Iterator[Path]:
+    """Fill a new folder that appears under `path` only when complete.
+
+    Yields an empty temporary sibling; on success it is renamed to `path` (replacing an empty
+    folder there: rename(2) does that atomically), on any error it is removed. An existing
+    non-empty `path` is refused before anything is written, so a user's folder is never touched.
+    """
+    path = Path(path)
+    check_new_dir(path)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.parent.is_dir():
+        raise UserError(f"parent folder {path.parent} does not exist: create it first")
+    tmp = temp_dir_beside(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)  # fails, rightly, if something appeared in `path` meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def check_new_dir(path: Path) -> None:
+    """Refuse a path that holds anything: only an absent or empty folder may be published."""
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        raise UserError(f"{path} already exists: choose a new directory or remove it first")
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -1,6 +1,6 @@
 """One optimizer step as graph nodes: loss, gradients, accumulation, clipping, update.
 
-This module knows nothing about files, data or logging; the loop in gpt2tf.trainer feeds it
+This module knows nothing about files, data or logging; the loop in gpt2tf.train.loop feeds it
 batches and runs its ops. The batch arrives as a tensor (a placeholder today; a distributed
 input later), so the same step can be built per replica.
 
@@ -15,13 +15,12 @@ input later), so the same step can be built per replica.
   from a seeded generator, so a step is a pure function of its feeds and the variables.
 """
 
-from dataclasses import dataclass
-
 import tensorflow as tf
 
-from gpt2tf import model, optim
+from gpt2tf import model, settings
 from gpt2tf.hparams import HParams
-from gpt2tf.train_options import PRECISIONS, check_choice
+from gpt2tf.train import optim
+from gpt2tf.train.config import StepConfig
 
 tf1 = tf.compat.v1
 
@@ -30,25 +29,8 @@ TRAIN_SCOPE = "train"  # accumulators live here (local variables: never checkpoi
 
 def check_precision(name: str) -> model.Precision:
     """The model.Precision of a --precision name."""
-    check_choice("precision", name, PRECISIONS)
+    settings.by_name(settings.TRAIN)["precision"].check(name)
     return {"fp32": model.FP32, "bf16": model.BF16}[name]
-
-
-@dataclass(frozen=True)
-class StepConfig:
-    """What a training step computes; every field is a flag of the same name."""
-
-    optimizer: str = "adam"
-    learning_rate: float = 1e-4
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    lr_decay_steps: int = 0
-    min_lr_ratio: float = 0.1
-    accumulate_gradients: int = 1
-    max_grad_norm: float = 0.0  # 0: no clipping
-    precision: str = "fp32"
-    memory_saving_gradients: bool = False
-    only_train_transformer_layers: bool = False
 
 
 def lm_loss(

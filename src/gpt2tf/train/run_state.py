@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import time
 from pathlib import Path
 
 from gpt2tf import fileio, paths
@@ -31,8 +30,6 @@ log = logging.getLogger(__name__)
 RUN_PREFIX = "model"  # gpt-2-simple's and nshepperd's run checkpoints: model-<step>
 STATE_SUFFIX = ".state.json"  # our side file beside each checkpoint: model-<step>.state.json
 COUNTER = "counter"  # gpt-2-simple's file holding the step of the latest checkpoint
-PAUSE_ENV = "GPT2TF_TEST_PAUSE_IN_SAVE"  # tests: "<step>" stalls that save before its commit
-PAUSE_SECONDS = 3600
 REPLACED = "model-replaced"  # --overwrite: an earlier run's checkpoint whose name we reuse
 _CKPT_FILE = re.compile(
     r"^(model(?:-replaced)?(?:-\d+)?|model\.ckpt(?:-\d+)?)"
@@ -173,10 +170,6 @@ class RunCheckpoints:
                 write_state=False, write_meta_graph=False,
             )
         fileio.write_json(prefix + STATE_SUFFIX, {"step": step, **side_state})
-        if os.environ.get(PAUSE_ENV) == str(step):
-            # Tests kill the process here: data written, `checkpoint` not yet updated.
-            print(f"[test] paused in save of {prefix}", flush=True)
-            time.sleep(PAUSE_SECONDS)
         kept = [p for p in self.kept if p != prefix] + [prefix]
         kept = kept[-self.max_checkpoints:] if self.max_checkpoints > 0 else kept
         write_checkpoint_state(self.run_dir, kept)  # the commit point

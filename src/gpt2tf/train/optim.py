@@ -12,7 +12,7 @@ import math
 
 import tensorflow as tf
 
-from gpt2tf.train_options import LR_SCHEDULES, OPTIMIZERS, check_choice
+from gpt2tf import settings
 
 tf1 = tf.compat.v1
 
@@ -26,11 +26,11 @@ SLOT_SCOPE = "optimizer"  # our own slots live outside "model/": weight readers 
 
 
 def check_optimizer(name: str) -> str:
-    return check_choice("optimizer", name, OPTIMIZERS)
+    return settings.by_name(settings.TRAIN)["optimizer"].check(name)
 
 
 def check_schedule(name: str) -> str:
-    return check_choice("lr_schedule", name, LR_SCHEDULES)
+    return settings.by_name(settings.TRAIN)["lr_schedule"].check(name)
 
 
 def learning_rate(

@@ -1,0 +1,1 @@
+"""Training data: reading documents, encoding them to token ids (.npz), sampling windows."""

@@ -1,0 +1,228 @@
+"""The worker: one thread owns the model and serves queued rows in batches.
+
+Requests never touch TensorFlow: each choice of a request becomes a `Row` in a bounded queue.
+The worker takes up to `max_batch` waiting rows, left-pads them into one `Generator.stream`
+call (each row with its own sampling settings and random stream) and runs until every row is
+done: max_tokens, <|endoftext|> or a stop string. New text goes to each request's asyncio
+queue as it is sampled. A client that disconnects cancels its rows; a batch whose rows are all
+cancelled or done stops at once.
+
+The same seed gives the same completion, however busy the server is. Per-row random streams are
+not enough for that: CPU matmul kernels change with the number of rows (one row, a few, eight
+or more take different code paths), and the different rounding flips a sampled token now and
+then (2 of 64 requests of 64 tokens on a 124M model). So by default (`batch_invariant`) every
+batch is padded to exactly max_batch rows, and rows are only batched with rows that sample
+alike (same sampler and top-k width); a lone request then costs about as much as a full batch.
+"""
+
+import asyncio
+import collections
+import logging
+import threading
+
+from gpt2tf.decode.text import TextStream
+
+log = logging.getLogger(__name__)
+
+
+
+class _Row:
+    """One choice: a prompt, its sampling settings and random stream, and its text so far."""
+
+    def __init__(self, job: "_Job", index: int, context: list[int], params, rng,
+                 max_tokens: int, stops: tuple[str, ...], eot: int | None, encoder):
+        self.job, self.index, self.context = job, index, context
+        self.params, self.rng, self.max_tokens = params, rng, max_tokens
+        self.text = TextStream(encoder, stops=stops, eot=eot, max_tokens=max_tokens)
+        self.done = False
+        self.cancelled = False  # set by the event loop when the client goes away
+
+    @property
+    def n_tokens(self) -> int:
+        return self.text.n_tokens
+
+    def add(self, token: int) -> tuple[str, str | None]:
+        """Consume one sampled token: (text to release, finish_reason or None)."""
+        piece, finish = self.text.add(token)
+        self.done = self.text.done
+        return piece, finish
+
+
+class _Job:
+    """The event-loop side of one request: its rows and a queue of their events."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.rows: list[_Row] = []
+        self.events: asyncio.Queue = asyncio.Queue()
+
+    def push(self, events: list[tuple]) -> None:  # runs on the event loop
+        for event in events:
+            self.events.put_nowait(event)
+
+    def cancel(self) -> None:
+        for row in self.rows:
+            row.cancelled = True
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Batcher:
+    """Owns the Generator from a single thread; serves rows in batches of up to max_batch."""
+
+    def __init__(self, gen, *, max_batch: int, queue_size: int, batch_invariant: bool = True):
+        self.gen = gen
+        self.max_batch = max_batch
+        self.queue_size = queue_size
+        self.batch_invariant = batch_invariant
+        self._pending: collections.deque[_Row] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.active_rows = 0
+        self.batches = 0
+        self.tokens_sampled = 0  # every sampled token, kept or discarded
+        self.rows_cancelled = 0
+
+    def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="gpt2tf-worker", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Refuse new rows and end the queued and running ones (their requests get an error)."""
+        with self._cond:
+            self._stopping = True
+            dropped = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        self._deliver([(r.job, r.index, "", "error") for r in dropped])
+
+    def stop(self, timeout: float = 30) -> None:
+        """close(), then wait for the worker thread to finish its current step."""
+        self.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, rows: list[_Row]) -> None:
+        """Queue all of a request's rows, or none of them (QueueFull)."""
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            self._drop_cancelled()
+            if len(self._pending) + len(rows) > self.queue_size:
+                raise QueueFull(
+                    f"the server is busy ({len(self._pending)} rows queued, room for"
+                    f" {self.queue_size}); retry shortly"
+                )
+            self._pending.extend(rows)
+            self._cond.notify()
+
+    @property
+    def queued_rows(self) -> int:
+        with self._cond:
+            return sum(not r.cancelled for r in self._pending)
+
+    def _drop_cancelled(self) -> None:
+        kept = [r for r in self._pending if not r.cancelled]
+        self.rows_cancelled += len(self._pending) - len(kept)
+        self._pending = collections.deque(kept)
+
+    def _take(self) -> list[_Row] | None:
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return None
+                self._drop_cancelled()
+                if self._pending:
+                    return self._take_compatible()
+                self._cond.wait()
+
+    def _sampler_kind(self, params) -> tuple:
+        """What a batch's sampling op depends on, besides each row's own settings.
+
+        Generator.stream samples a whole batch with one op: the full-vocabulary sampler, or the
+        sorted top-k/top-p one as soon as one row filters, over the batch's widest top-k (all
+        of the vocabulary when a row uses top-p alone). The two samplers pick different tokens
+        for the same random number, and a wider top-k changes the rounding of the rest.
+        """
+        if not params.filtered:
+            return ("plain",)
+        n_vocab = self.gen.hparams.n_vocab
+        return ("filtered", min(params.top_k, n_vocab) if params.top_k else n_vocab)
+
+    def _take_compatible(self) -> list[_Row]:
+        """The oldest row and the next waiting rows that sample alike, up to max_batch."""
+        kind = self._sampler_kind(self._pending[0].params)
+        batch, rest = [], collections.deque()
+        for row in self._pending:
+            if len(batch) < self.max_batch and self._sampler_kind(row.params) == kind:
+                batch.append(row)
+            else:
+                rest.append(row)
+        self._pending = rest
+        return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            try:
+                self._run(batch)
+            except Exception:  # a bug or a TF failure: fail this batch, keep serving
+                log.exception("generation failed for a batch of %d rows", len(batch))
+                self._deliver([(r.job, r.index, "", "error") for r in batch if not r.done])
+            finally:
+                self.active_rows = 0
+
+    def _run(self, batch: list[_Row]) -> None:
+        self.batches += 1
+        self.active_rows = len(batch)
+        contexts = [r.context for r in batch]
+        params = [r.params for r in batch]
+        rngs = [r.rng for r in batch]
+        if self.batch_invariant:
+            import numpy as np
+
+            # Filler rows (copies of the first, sampled and thrown away) give every decode step
+            # the same shapes, so a row computes exactly what it would in a full batch.
+            filler = self.max_batch - len(batch)
+            contexts += [batch[0].context] * filler
+            params += [batch[0].params] * filler
+            rngs += [np.random.default_rng(0) for _ in range(filler)]
+        steps = self.gen.stream(
+            contexts, length=max(r.max_tokens for r in batch), params=params, rngs=rngs)
+        try:
+            for new in steps:
+                self.tokens_sampled += len(batch)
+                events = []
+                for row, token in zip(batch, new):
+                    if row.done:
+                        continue
+                    if row.cancelled:
+                        row.done = True
+                        self.rows_cancelled += 1
+                        continue
+                    piece, finish = row.add(int(token))
+                    if piece or finish:
+                        events.append((row.job, row.index, piece, finish))
+                self._deliver(events)
+                self.active_rows = sum(not r.done for r in batch)
+                if self.active_rows == 0 or self._stopping:
+                    break
+        finally:
+            steps.close()  # stops the decode loop: nothing more is computed for this batch
+        if self._stopping:
+            self._deliver([(r.job, r.index, "", "error") for r in batch if not r.done])
+
+    @staticmethod
+    def _deliver(events: list[tuple]) -> None:
+        by_job: dict[_Job, list] = {}
+        for job, index, piece, finish in events:
+            by_job.setdefault(job, []).append((index, piece, finish))
+        for job, items in by_job.items():
+            try:
+                job.loop.call_soon_threadsafe(job.push, items)
+            except RuntimeError:  # its event loop has closed: nobody is waiting any more
+                pass

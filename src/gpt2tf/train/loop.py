@@ -1,0 +1,488 @@
+"""The training loop: one invocation of training restores, steps, logs, samples and saves.
+
+The maths of a step is gpt2tf.train.step's; the loop owns data, logging, saving, sampling,
+validation and signals. Order of work, so bad input costs nothing and writes nothing:
+
+1. check every setting (`TrainConfig`, `check_invocation`);
+2. plan the run: which checkpoint to start from, its hparams and vocabulary, and whether this
+   resumes (`plan_run`); check the checkpoint matches the hparams;
+3. load and encode the data, and check it holds at least one window;
+4. build the graph, restore, and only then create or update the run directory.
+
+A run directory checkpoint/<run_name>/ holds hparams.json, encoder.json, vocab.bpe, the
+checkpoints (model-<step>, OpenAI's layout plus optimizer state), train_config.json,
+metrics.jsonl and TensorBoard events. `--restore_from latest` continues it exactly; flags not
+given on the command line come from its train_config.json.
+"""
+
+import dataclasses
+import logging
+import math
+import secrets
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from gpt2tf import checkpoints, fileio, paths
+from gpt2tf.decode.decoder import Decoder, SamplingParams
+from gpt2tf.decode.generator import session_config
+from gpt2tf.errors import FieldError, UserError
+from gpt2tf.train import run_state
+from gpt2tf.train.config import TrainConfig, check_invocation, require_dataset
+from gpt2tf.train.plan import load_data, plan_run
+from gpt2tf.train.step import TrainStep, check_precision, lm_loss
+
+log = logging.getLogger(__name__)
+
+SAMPLE_TEMPERATURE = 1.0  # periodic samples use nshepperd's settings: temperature 1, --top_k
+AVG_DECAY = 0.99  # gpt-2-simple's running average of the loss
+
+
+# --- the graph --------------------------------------------------------------------------------
+
+
+class Graph:
+    """The training graph: step, validation loss, sampler, savers, in its own tf.Graph."""
+
+    def __init__(self, cfg: TrainConfig, hparams, encoder, *, window: int):
+        tf1 = tf.compat.v1
+        b, t = cfg.batch_size, window - 1
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            self.tokens = tf1.placeholder(tf.int32, [b, window], name="tokens")  # [B, T+1]
+            # Inputs with noise when --noise > 0 (drawn by the loop); else the clean tokens.
+            self.inputs = tf1.placeholder_with_default(self.tokens[:, :-1], [b, t], "inputs")
+            self.step = TrainStep(
+                hparams, cfg.step_config(), self.tokens, inputs=self.inputs
+            )
+            self.val_tokens = tf1.placeholder(tf.int32, [None, window], name="val_tokens")
+            self.val_loss = lm_loss(
+                hparams, self.val_tokens,
+                precision=check_precision(cfg.precision),
+            )
+            self.decoder = None
+            if cfg.sample_every and cfg.sample_num:
+                self.decoder = Decoder(hparams, encoder)
+            step_var = self.step.global_step
+            self.model_saver = tf1.train.Saver(self.step.model_variables)
+            self.step_saver = tf1.train.Saver([step_var])
+            opt_vars = self.step.optimizer_variables
+            self.opt_saver = tf1.train.Saver(opt_vars) if opt_vars else None
+            # The run's checkpoints: weights (OpenAI's names), step, optimizer state.
+            self.saver = tf1.train.Saver(
+                self.step.model_variables + [step_var] + opt_vars, max_to_keep=None,
+                save_relative_paths=True,
+            )
+            self.step_value = tf1.placeholder(tf.int64, [])
+            self.set_step = step_var.assign(self.step_value)
+            self.init = [tf1.global_variables_initializer(), tf1.local_variables_initializer()]
+        self.graph.finalize()
+        self.names = {
+            "step": _name(step_var),
+            "optimizer": [_name(v) for v in opt_vars],
+        }
+
+
+def _name(v) -> str:
+    return v.name.split(":")[0]
+
+
+# --- signals ----------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM: finish the current step, save, return. A second Ctrl-C quits now
+    (the previous checkpoint stays the latest)."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(
+            f"\n{signal.Signals(signum).name}: saving after this step"
+            + (" (Ctrl-C again quits without saving)" if signum == signal.SIGINT else ""),
+            file=sys.stderr, flush=True,
+        )
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+class _SamplingStopped(Exception):
+    pass
+
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Trainer:
+    """One invocation of training: restore, loop, save; see `train`."""
+
+    def __init__(self, cfg, plan, data, *, steps, samples_dir, run_name):
+        self.cfg, self.plan, self.data = cfg, plan, data
+        self.steps, self.samples_dir, self.run_name = steps, Path(samples_dir), run_name
+        self.g = Graph(cfg, plan.hparams, plan.encoder, window=data.window)
+        self.session = tf.compat.v1.Session(graph=self.g.graph, config=session_config())
+        self.noise_rng = np.random.Generator(np.random.PCG64([cfg.seed, 1]))
+        self.avg = [0.0, 0.0]  # gpt-2-simple's running average: (sum, weight)
+        self.tokens_seen = 0
+        self.start_step = 0
+        self.last_saved = None
+        self.writer = None
+        self.metrics = None
+        self.checkpoints = None
+
+    # restore ---------------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        plan, s = self.plan, self.session
+        s.run(self.g.init)
+        checkpoints.restore(s, plan.source_prefix, self.g.model_saver, plan.hparams)
+        _say(f"Loading checkpoint {plan.source_prefix}")
+        if not plan.resume:
+            return
+        names = set(checkpoints.list_checkpoint(plan.source_prefix))
+        side = run_state.read_side_state(plan.source_prefix)
+        with self.g.graph.as_default():
+            if self.g.names["step"] in names:
+                self.g.step_saver.restore(s, plan.source_prefix)
+            else:  # gpt-2-simple's run: its step is in `counter` or the file name
+                step = (side or {}).get("step") or run_state.read_counter(plan.run_dir)
+                step = step or run_state.step_of(plan.source_prefix) or 0
+                s.run(self.g.set_step, {self.g.step_value: step})
+            opt = self.g.names["optimizer"]
+            if self.g.opt_saver is not None and all(n in names for n in opt):
+                self.g.opt_saver.restore(s, plan.source_prefix)
+            elif opt:
+                log.warning(
+                    "%s holds no %s state (written by another tool or with another"
+                    " --optimizer): the optimizer starts fresh", plan.source_prefix,
+                    self.cfg.optimizer,
+                )
+        self._restore_side(side)
+
+    def _restore_side(self, side: dict | None) -> None:
+        if side is None:
+            log.warning(
+                "%s has no %s file: the data order cannot continue where it stopped",
+                self.plan.source_prefix, run_state.STATE_SUFFIX,
+            )
+            return
+        sampler_state = side.get("sampler", {})
+        if sampler_state.get("total_size") != self.data.train.total_size:
+            log.warning(
+                "the dataset has changed since the checkpoint (%s tokens, now %s): training"
+                " continues, but not with the data order of the run",
+                sampler_state.get("total_size"), self.data.train.total_size,
+            )
+        self.data.train.load_state_dict(sampler_state)
+        try:
+            bit = np.random.PCG64()
+            bit.state = side["noise_rng"]
+            self.noise_rng = np.random.Generator(bit)
+            self.avg = [float(x) for x in side["avg_loss"]]
+            self.tokens_seen = int(side.get("tokens", 0))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"bad side state for {self.plan.source_prefix} ({e})") from None
+
+    # run files -------------------------------------------------------------------------------
+
+    def open_run(self) -> None:
+        """Create or update the run directory; with --overwrite of another run, defer the
+        replacement of its files until our first checkpoint is saved."""
+        plan, run_dir = self.plan, self.plan.run_dir
+        self.start_step = int(self.session.run(self.g.step.global_step))
+        replace_files = plan.replace_run and not plan.resume
+        old_events = sorted(run_dir.glob("events.out.tfevents.*")) if plan.replace_run else []
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = run_state.RunCheckpoints(
+            run_dir, self.g.saver, max_checkpoints=self.cfg.max_checkpoints,
+            replace_others=plan.replace_run,
+        )
+        if plan.resume:
+            self.checkpoints.remove_orphans_after(self.start_step)
+        self.metrics = run_state.MetricsLog(
+            run_dir / paths.METRICS,
+            keep_through_step=self.start_step if plan.resume else None, defer=replace_files,
+        )
+
+        def write_run_files():
+            self._write_run_files()
+            self.metrics.commit()
+            for f in old_events:
+                f.unlink(missing_ok=True)
+
+        if replace_files:
+            self.checkpoints.on_first_commit.append(write_run_files)
+        else:
+            self.checkpoints.on_first_commit.append(
+                lambda: [f.unlink(missing_ok=True) for f in old_events]
+            )
+            self._write_run_files()
+        with self.g.graph.as_default():
+            self.writer = tf.compat.v1.summary.FileWriter(str(run_dir))
+            # TensorBoard drops events logged past this step by an earlier, crashed process.
+            self.writer.add_session_log(
+                tf.compat.v1.SessionLog(status=tf.compat.v1.SessionLog.START), self.start_step
+            )
+
+    def _write_run_files(self) -> None:
+        run_dir = self.plan.run_dir
+        if self.plan.source.path.resolve() != run_dir.resolve():
+            fileio.write_text(run_dir / paths.HPARAMS, self.plan.hparams.to_json())
+            for name, content in zip(
+                paths.VOCAB_FILES, self.plan.source.vocab_files
+            ):
+                with fileio.atomic_open(run_dir / name, "wb") as f:
+                    f.write(content)
+        fileio.write_json(run_dir / paths.TRAIN_CONFIG, self.cfg.to_dict())
+
+    # work ------------------------------------------------------------------------------------
+
+    def next_feeds(self) -> list[dict]:
+        """Feed dicts of the next step's micro-batches (advances the data sampler)."""
+        g = self.g
+        feeds = []
+        for _ in range(self.cfg.accumulate_gradients):
+            batch = self.data.train.sample_batch(self.cfg.batch_size, self.data.window)
+            feed = {g.tokens: batch}
+            if self.cfg.noise > 0:
+                # nshepperd's --noise: each input token is replaced by a random one with
+                # probability p; the targets stay clean.
+                inputs = batch[:, :-1]
+                mask = self.noise_rng.random(inputs.shape) < self.cfg.noise
+                rand = self.noise_rng.integers(0, self.plan.hparams.n_vocab, inputs.shape)
+                feed[g.inputs] = np.where(mask, rand, inputs).astype(np.int32)
+            feeds.append(feed)
+        return feeds
+
+    def validate(self) -> float:
+        windows = self.data.val_windows
+        n = self.cfg.val_batch_size
+        losses = [
+            self.session.run(self.g.val_loss, {self.g.val_tokens: windows[i : i + n]})
+            for i in range(0, len(windows), n)
+        ]
+        return float(sum(losses) / len(losses))
+
+    def sample(self, step: int, stop: StopRequest) -> None:
+        dec = self.g.decoder
+        params = SamplingParams(
+            temperature=SAMPLE_TEMPERATURE, top_k=self.cfg.top_k, top_p=self.cfg.top_p
+        )
+
+        def on_token(row, piece):
+            if stop.signum is not None:  # a long sample must not delay the save on SIGTERM
+                raise _SamplingStopped
+
+        try:
+            texts = [
+                s.text for s in dec.iter_samples(
+                    self.session, dec.encode_prompt(None), nsamples=self.cfg.sample_num,
+                    batch_size=min(self.cfg.batch_size, self.cfg.sample_num),
+                    length=self.cfg.sample_length, params=params,
+                    seed=(self.cfg.seed * 1_000_003 + step) % (1 << 62), on_token=on_token,
+                )
+            ]
+        except _SamplingStopped:
+            return
+        text = "\n".join(f"======== SAMPLE {i + 1} ========\n{t}\n" for i, t in enumerate(texts))
+        _say(text)
+        fileio.write_text(self.samples_dir / self.run_name / f"samples-{step}", text)
+
+    def save(self, step: int) -> None:
+        side = {
+            "sampler": self.data.train.state_dict(),
+            "noise_rng": self.noise_rng.bit_generator.state,
+            "avg_loss": self.avg,
+            "tokens": self.tokens_seen,
+        }
+        _say(f"Saving {self.plan.run_dir / f'{run_state.RUN_PREFIX}-{step}'}")
+        self.metrics.sync()
+        if self.writer is not None:
+            self.writer.flush()
+        self.checkpoints.save(self.session, step, side)
+        self.last_saved = step
+
+    def _summary(self, step: int, record: dict) -> None:
+        tf1 = tf.compat.v1
+        values = [
+            tf1.Summary.Value(tag=k, simple_value=float(v)) for k, v in record.items()
+            if k != "step"
+        ]
+        self.writer.add_summary(tf1.Summary(value=values), step)
+
+    def _log(self, record: dict) -> None:
+        self.metrics.write(record)
+        self._summary(record["step"], record)
+
+    def loop(self, stop: StopRequest) -> int:
+        cfg = self.cfg
+        step = self.start_step
+        tokens_per_step = cfg.batch_size * (self.data.window - 1) * cfg.accumulate_gradients
+        if self.data.val_windows is not None and step == 0 and not self.plan.resume:
+            val = self.validate()
+            _say(f"[0] val_loss={val:.4f}")
+            self._log({"step": 0, "val_loss": val})
+        started = time.perf_counter()
+        step_time = None  # running average of seconds per step, for the time left
+        done = 0
+        while stop.signum is None and (self.steps == -1 or done < self.steps):
+            feeds = self.next_feeds()
+            t0 = time.perf_counter()
+            out = self.g.step.run(self.session, feeds)
+            dt = time.perf_counter() - t0
+            step += 1
+            done += 1
+            self.tokens_seen += tokens_per_step
+            step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
+            self.avg = [self.avg[0] * AVG_DECAY + out["loss"], self.avg[1] * AVG_DECAY + 1.0]
+            record = {
+                "step": step, "loss": out["loss"], "avg_loss": self.avg[0] / self.avg[1],
+                "lr": out["lr"], "tokens_per_sec": tokens_per_step / dt,
+            }
+            if cfg.max_grad_norm:
+                record["grad_norm"] = out["grad_norm"]
+            if not math.isfinite(out["loss"]):
+                raise UserError(
+                    f"the loss is {out['loss']} at step {step}: training diverged; lower"
+                    " --learning_rate or set --max_grad_norm (the last checkpoint is intact)"
+                )
+            validate = self.data.val_windows is not None and step % cfg.val_every == 0
+            if validate:
+                record["val_loss"] = self.validate()
+            if step % cfg.print_every == 0 or validate:
+                self._log(record)
+                self._progress(record, started, step_time, done)
+            if cfg.save_every and step % cfg.save_every == 0:
+                self.save(step)
+            if self.g.decoder is not None and step % cfg.sample_every == 0:
+                self.sample(step, stop)
+        if self.last_saved != step and (step != self.start_step or not self.plan.resume):
+            self.save(step)  # (a resumed run stopped before its first step changed nothing)
+        return step
+
+    def _progress(self, record: dict, started: float, step_time: float, done: int) -> None:
+        line = (
+            f"[{record['step']} | {time.perf_counter() - started:.2f}s]"
+            f" loss={record['loss']:.4f} avg={record['avg_loss']:.4f}"
+            f" lr={record['lr']:.3g} {record['tokens_per_sec']:.0f} tokens/s"
+        )
+        if "val_loss" in record:
+            line += f" val_loss={record['val_loss']:.4f}"
+        if self.steps != -1:
+            line += f" {_fmt_time((self.steps - done) * step_time)} left"
+        _say(line)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.writer is not None:
+            self.writer.close()
+        self.session.close()
+
+
+# --- entry points -----------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int  # the step of the last checkpoint
+    checkpoint: str
+
+
+def train(
+    config: dict,
+    *,
+    run_name: str = paths.DEFAULT_RUN_NAME,
+    checkpoint_dir: str = paths.DEFAULT_CHECKPOINT_DIR,
+    samples_dir: str = paths.DEFAULT_SAMPLES_DIR,
+    restore_from: str = "latest",
+    steps: int = -1,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Train; `config` holds TrainConfig fields (None: from the run's stored config, else the
+    default). Returns where the last checkpoint went."""
+    check_invocation(run_name=run_name, restore_from=restore_from, steps=steps,
+                     overwrite=overwrite)
+    run_name = str(run_name)
+    unknown = sorted(set(config) - {s.name for s in TrainConfig.SETTINGS})
+    assert not unknown, unknown  # the edges pass only declared settings
+    # The flags alone, before touching any file (a resumed run may take --dataset from its
+    # stored config, so that one is checked after planning).
+    TrainConfig.resolve(config)
+    if config.get("combine") is not None:
+        log.warning("--combine has no effect: text is always encoded as one stream with"
+                    " <|endoftext|> between documents, and windows cross document boundaries")
+    run_dir = paths.run_path(checkpoint_dir, run_name)
+    model_name = config.get("model_name") or paths.DEFAULT_MODEL_NAME
+    models_dir = config.get("models_dir") or paths.DEFAULT_MODELS_DIR
+    plan = plan_run(run_dir=run_dir, restore_from=restore_from, overwrite=overwrite,
+                    model_name=model_name, models_dir=models_dir)
+    if plan.resume:
+        used = (plan.stored or {}).get("model_name")
+        given = config.get("model_name")
+        if given is not None and used is not None and str(given) != str(used):
+            log.warning("run %s continues from its own checkpoint (trained from %s):"
+                        " --model_name %s is ignored", run_name, used, given)
+            config = {**config, "model_name": used}
+    cfg = TrainConfig.resolve(config, plan.stored)
+    require_dataset(cfg)
+    if cfg.seed is None:
+        cfg = dataclasses.replace(cfg, seed=secrets.randbits(31))
+    if cfg.lr_schedule == "cosine" and not cfg.lr_decay_steps:
+        if steps == -1:
+            raise FieldError("lr_decay_steps", "is needed by --lr_schedule cosine (or give a"
+                             " --steps count)")
+        cfg = dataclasses.replace(cfg, lr_decay_steps=steps)
+    data = load_data(cfg, plan, seed=cfg.seed)
+    _say(f"dataset has {data.train.total_size} tokens")
+
+    trainer = Trainer(cfg, plan, data, steps=steps, samples_dir=samples_dir, run_name=run_name)
+    try:
+        trainer.restore()
+        trainer.open_run()
+        _say("Training...")
+        with StopRequest() as stop:
+            step = trainer.loop(stop)
+    except OSError as e:  # metrics, samples, run files (a failed save says more itself)
+        latest = trainer.checkpoints.kept[-1] if trainer.checkpoints else plan.source_prefix
+        raise UserError(
+            f"cannot write {e.filename or 'a run file'} ({e.strerror or e}); is the disk full?"
+            f" The latest checkpoint {latest} is intact"
+        ) from None
+    finally:
+        trainer.close()
+    return TrainResult(run_dir=run_dir, step=step, checkpoint=str(trainer.checkpoints.kept[-1]))
+
