@@ -19,7 +19,7 @@ def pause_before_commit(step: int, action) -> None:
     commit = run_state.write_checkpoint_state
 
     def write_checkpoint_state(run_dir, prefixes):
-        if prefixes and prefixes[-1].endswith(f"-{step}"):
+        if prefixes and Path(prefixes[-1]).name == f"{run_state.RUN_PREFIX}-{step}":
             action(prefixes[-1])
         return commit(run_dir, prefixes)
 

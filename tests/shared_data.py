@@ -23,3 +23,20 @@ def shared_data_dir(*names: str) -> Path:
             pytest.fail(f"{why}, and {REQUIRE_ENV} is set", pytrace=False)
         pytest.skip(f"{why} (GPT-2 vocabulary / tinyshakespeare not available)")
     return SHARED_DATA
+
+
+REFERENCE_ENV = "GPT2TF_REQUIRE_REFERENCE"
+
+
+def reference(module: str):
+    """Import a reference package the tests compare against (torch, transformers, gpt_2_simple,
+    openai). Missing, the test (or, at module level, the whole module) skips, unless
+    GPT2TF_REQUIRE_REFERENCE is set (CI sets it): then it fails."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get(REFERENCE_ENV, "") not in ("", "0"):
+            pytest.fail(f"{module} is not installed, and {REFERENCE_ENV} is set", pytrace=False)
+        pytest.skip(f"{module} is not installed", allow_module_level=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-from shared_data import shared_data_dir
+from shared_data import shared_data_dir, reference
 
 from gpt2tf import checkpoints, cli, convert, encoder, model, source
 from gpt2tf.errors import UserError
@@ -112,8 +112,8 @@ def test_to_hf_weights_are_the_checkpoints(tiny_dir, tiny_hf):
 
 
 def test_to_hf_loads_in_transformers_without_missing_keys(tiny_hf):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("torch")
+    transformers = reference("transformers")
+    reference("torch")
     m, info = transformers.GPT2LMHeadModel.from_pretrained(tiny_hf, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not info["mismatched_keys"] and not info["error_msgs"]
@@ -122,7 +122,7 @@ def test_to_hf_loads_in_transformers_without_missing_keys(tiny_hf):
 
 
 def test_to_hf_tokenizer_gives_gpt2_ids(gpt2_vocab_dir, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = reference("transformers")
     out = convert.to_hf(gpt2_vocab_dir, tmp_path / "hf")
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok("hello world")["input_ids"] == [31373, 995]
@@ -218,8 +218,8 @@ def test_round_trip_from_a_run_dir(tiny_dir, tmp_path):
 
 def hf_model(n_layer: int, seed: int):
     """A random transformers GPT-2 (biases and norms perturbed too) with the byte-level vocab."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = reference("torch")
+    transformers = reference("transformers")
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
         vocab_size=257, n_positions=24, n_embd=16, n_head=4, n_layer=n_layer,
@@ -253,7 +253,7 @@ def assert_logits_match(hf, model_dir: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pytorch_model.bin"])
 def test_from_hf_transformers_model_logits_match(fmt, tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = reference("torch")
     hf = hf_model(n_layer=6, seed=0)  # distilgpt2's depth
     hf_dir = tmp_path / "hf"
     if fmt == "safetensors":
@@ -280,7 +280,7 @@ def test_from_hf_transformers_model_logits_match(fmt, tmp_path):
 
 def test_from_hf_gpt2model_keys_without_prefix(tmp_path):
     """A bare GPT2Model saves `h.0...` rather than `transformer.h.0...` and has no lm_head."""
-    transformers = pytest.importorskip("transformers")
+    transformers = reference("transformers")
     hf = hf_model(n_layer=2, seed=1)
     hf_dir = tmp_path / "hf"
     base = transformers.GPT2Model(hf.config)
@@ -296,7 +296,7 @@ def test_from_hf_gpt2model_keys_without_prefix(tmp_path):
 
 
 def test_from_hf_bfloat16_and_float16(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = reference("torch")
     hf = hf_model(n_layer=1, seed=2)
     for dtype in (torch.bfloat16, torch.float16):
         hf_dir = tmp_path / str(dtype)
@@ -394,7 +394,7 @@ def test_from_hf_pytorch_bin_without_torch(tiny_hf, tmp_path, monkeypatch):
 
 def test_from_hf_pytorch_bin_is_never_unpickled(tiny_hf, tmp_path):
     """weights_only=True: a pickle that would run code is refused, not executed."""
-    pytest.importorskip("torch")
+    reference("torch")
     import pickle
 
     hf = copy_hf(tiny_hf, tmp_path / "hf")

@@ -146,8 +146,8 @@ def test_encode_many_small_blocks_equals_whole(tmp_path, gpt2, monkeypatch):
     text = (data / "tinyshakespeare.txt").read_text("utf-8")[:100_000] + " café 日本\n"
     src = tmp_path / "in.txt"
     src.write_text(text, encoding="utf-8")
-    monkeypatch.setattr(dataset, "READ_BYTES", 777)
-    monkeypatch.setattr(dataset, "BLOCK_CHARS", 2_000)
+    monkeypatch.setattr(documents, "READ_BYTES", 777)
+    monkeypatch.setattr(encode, "BLOCK_CHARS", 2_000)
     out = tmp_path / "out.npz"
     encode_to_npz(str(src), str(out), encoder=gpt2, progress=False)
     assert npz_ids(out) == gpt2.encode(text)
@@ -171,7 +171,7 @@ SPLITTY = st.text(alphabet=st.sampled_from(list("ab1 '\n\t\r.\u00a0\u3000\x1c日
 def test_every_cut_is_a_pretokenizer_boundary(text):
     starts = {m.start() for m in _PRETOKEN.finditer(text)}
     hi = len(text)
-    while (cut := dataset._last_cut(text[:hi], 0)) is not None:
+    while (cut := encode._last_cut(text[:hi], 0)) is not None:
         assert cut in starts
         # The prefix splits the same way up to the cut.
         assert {m.start() for m in _PRETOKEN.finditer(text[:cut])} == {s for s in starts if s < cut}
@@ -207,7 +207,7 @@ def test_latin1_file_names_file_and_offset(tmp_path, tiny):
 
 
 def test_bad_byte_offset_across_read_blocks(tmp_path, tiny, monkeypatch):
-    monkeypatch.setattr(dataset, "READ_BYTES", 4)
+    monkeypatch.setattr(documents, "READ_BYTES", 4)
     src = tmp_path / "x.txt"
     data = "aé日本".encode() + b"\xff" + b"tail"  # a=1, é=2, 日=3, 本=3 bytes: 0xff at 9
     src.write_bytes(data)
@@ -427,7 +427,7 @@ def test_dataset_module_does_not_import_tensorflow():
     import subprocess
     import sys
 
-    code = "import sys, gpt2tf.dataset; print('tensorflow' in sys.modules)"
+    code = "import sys, gpt2tf.data.encode, gpt2tf.data.sampler; print('tensorflow' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.stdout.strip() == "False", result.stderr

@@ -11,9 +11,10 @@ biases, unit gains) would hide a bias or gain that is misplaced, in either imple
 
 import numpy as np
 import pytest
+from shared_data import reference
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = reference("torch")
+transformers = reference("transformers")
 
 from gpt2tf import checkpoints, convert, encoder, model  # noqa: E402
 from gpt2tf.hparams import HParams  # noqa: E402

@@ -20,17 +20,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import reference
 import requests
 
 from gpt2tf import checkpoints
 from gpt2tf.decode import generator as inference
-from gpt2tf.serve import app, batcher, schema, server
+from gpt2tf.serve import app as serve_app
+from gpt2tf.serve import batcher as serve_batcher
+from gpt2tf.serve import schema as serve_schema
+from gpt2tf.serve import server as serve_server
 from gpt2tf.errors import UserError
 from gpt2tf.hparams import HParams
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = HParams(n_vocab=257, n_ctx=128, n_embd=32, n_head=2, n_layer=2)
-LIMITS = schema.Limits(max_batch=8, queue_size=256, max_tokens_limit=20000, max_prompt_tokens=300,
+LIMITS = serve_schema.Limits(max_batch=8, queue_size=256, max_tokens_limit=20000, max_prompt_tokens=300,
                       max_body_bytes=64_000)
 
 
@@ -45,8 +49,8 @@ def models_dir(tmp_path_factory) -> Path:
 def server(models_dir):
     """(base URL, Service) of a server that runs for the whole module."""
     with inference.Generator(models_dir / "tiny") as gen:
-        service = app.Service(gen, model_id="tiny", limits=LIMITS)
-        with server.serve_in_thread(service.app()) as url:
+        service = serve_app.Service(gen, model_id="tiny", limits=LIMITS)
+        with serve_server.serve_in_thread(service.app()) as url:
             yield url, service
 
 
@@ -304,7 +308,7 @@ def test_bad_temperature_message_comes_from_sampling_params(url):
 
 
 def test_openai_client_works_unchanged(url):
-    openai = pytest.importorskip("openai", reason="the openai package is not installed")
+    openai = reference("openai")
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
     assert [m.id for m in client.models.list()] == ["tiny"]
     out = client.completions.create(model="tiny", prompt="Hello", max_tokens=10, seed=9,
@@ -321,11 +325,11 @@ def test_openai_client_works_unchanged(url):
 
 
 def test_full_queue_answers_503(models_dir):
-    limits = schema.Limits(max_batch=1, queue_size=1, max_tokens_limit=20000)
+    limits = serve_schema.Limits(max_batch=1, queue_size=1, max_tokens_limit=20000)
     body = {"prompt": "a", "max_tokens": 20000, "ignore_eos": True, "stream": True}
     with inference.Generator(models_dir / "tiny") as gen:
-        service = app.Service(gen, model_id="tiny", limits=limits)
-        with server.serve_in_thread(service.app()) as url:
+        service = serve_app.Service(gen, model_id="tiny", limits=limits)
+        with serve_server.serve_in_thread(service.app()) as url:
             running = requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=30)
             lines = running.iter_lines()  # keep it: a dropped iterator closes the connection
             next(lines)  # the worker is busy with it
@@ -367,13 +371,13 @@ def test_batches_group_rows_that_sample_alike(models_dir, invariant):
     from gpt2tf.decode.decoder import SamplingParams
 
     gen = _FakeGenerator(ModelSource.at(models_dir / "tiny").encoder)
-    batcher = batcher.Batcher(gen, max_batch=4, queue_size=16, batch_invariant=invariant)
+    batcher = serve_batcher.Batcher(gen, max_batch=4, queue_size=16, batch_invariant=invariant)
     kinds = [SamplingParams(), SamplingParams(top_k=40), SamplingParams(), SamplingParams(top_k=50),
              SamplingParams(top_p=0.9), SamplingParams(), SamplingParams(top_k=40)]
 
     async def run():
-        job = batcher._Job(asyncio.get_running_loop())
-        job.rows = [batcher._Row(job, i, [1, 2], p, np.random.default_rng(i), 3, (), None,
+        job = serve_batcher._Job(asyncio.get_running_loop())
+        job.rows = [serve_batcher._Row(job, i, [1, 2], p, np.random.default_rng(i), 3, (), None,
                                gen.encoder) for i, p in enumerate(kinds)]
         batcher.submit(job.rows)  # all queued before the worker starts: a fixed grouping
         batcher.start()
@@ -398,12 +402,12 @@ def test_busy_port_is_a_user_error():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(UserError, match="cannot listen"):
-            server.bind_socket("127.0.0.1", taken.getsockname()[1])
+            serve_server.bind_socket("127.0.0.1", taken.getsockname()[1])
 
 
 def test_bad_limits_are_user_errors():
     with pytest.raises(UserError, match="max_batch"):
-        schema.Limits(max_batch=0)
+        serve_schema.Limits(max_batch=0)
 
 
 def _start_cli_server(models_dir: Path, grace_s: float) -> tuple[subprocess.Popen, str]:

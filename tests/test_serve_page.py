@@ -14,7 +14,10 @@ import requests
 
 from gpt2tf import checkpoints
 from gpt2tf.decode import generator as inference
-from gpt2tf.serve import app, batcher, schema, server
+from gpt2tf.serve import app as serve_app
+from gpt2tf.serve import batcher as serve_batcher
+from gpt2tf.serve import schema as serve_schema
+from gpt2tf.serve import server as serve_server
 from gpt2tf.hparams import HParams
 
 CHROMIUM = os.environ.get("GPT2TF_CHROMIUM", "/usr/bin/chromium")
@@ -50,9 +53,9 @@ def browser():
 def url(tmp_path_factory):
     model = checkpoints.init_model_dir(tmp_path_factory.mktemp("models") / "tiny", TINY)
     with inference.Generator(model) as gen:
-        limits = schema.Limits(max_tokens_limit=50000)
-        service = app.Service(gen, model_id="tiny", limits=limits)
-        with server.serve_in_thread(service.app()) as base:
+        limits = serve_schema.Limits(max_tokens_limit=50000)
+        service = serve_app.Service(gen, model_id="tiny", limits=limits)
+        with serve_server.serve_in_thread(service.app()) as base:
             yield base
 
 

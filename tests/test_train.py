@@ -335,7 +335,7 @@ def test_cli_help_and_light_import(capsys):
     for flag in ("--accumulate_gradients", "--memory_saving_gradients", "--val_fraction",
                  "--precision", "--lr_schedule", "--max_grad_norm", "--restore_from"):
         assert flag.lstrip("-") in text
-    check = "import sys, gpt2tf, gpt2tf.trainer; assert 'tensorflow' not in sys.modules"
+    check = "import sys, gpt2tf, gpt2tf.train.config, gpt2tf.cli.commands; assert 'tensorflow' not in sys.modules"
     code = subprocess.run(
         [sys.executable, "-c", check], capture_output=True, text=True, check=False,
         env={**os.environ, "PYTHONPATH": str(REPO / "src")},

@@ -81,11 +81,11 @@ class ModelSource:
     @functools.cached_property
     def encoder(self):
         """The BPE encoder (tiktoken-backed when the vocabulary is GPT-2's), checked to fit
-        the model's n_vocab."""
+        the model's n_vocab (a folder that holds only a vocabulary has none to fit)."""
         from gpt2tf.encoder import Encoder
 
         enc = Encoder.from_bytes(*self.vocab_files, source=str(self.path))
-        if enc.n_vocab > self.hparams.n_vocab:
+        if (self.path / paths.HPARAMS).is_file() and enc.n_vocab > self.hparams.n_vocab:
             raise UserError(
                 f"{self.path}: the vocabulary has {enc.n_vocab} tokens but hparams.json"
                 f" n_vocab={self.hparams.n_vocab}; the files do not belong together"

@@ -143,9 +143,7 @@ def parse(command: Command, argv: list[str]) -> tuple[dict, set[str]]:
 
 
 def _put(given: dict, name: str, value) -> None:
-    if name in given:
-        raise UsageError(f"--{name} is given twice")
-    given[name] = value
+    given[name] = value  # as with fire, a flag given again overrides the earlier one
 
 
 def _is_number(arg: str) -> bool:
