@@ -27,6 +27,8 @@ TIMEOUT = (30, 60)
 # enough that the Python loop is not the bottleneck on a 6 GB file.
 CHUNK_SIZE = 1 << 16
 
+# Where the URL comes from besides the flag (make demo passes only the environment variable).
+_MIRROR = f" (or ${paths.BASE_URL_ENV})"
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
 
@@ -117,7 +119,7 @@ def _fetch(session: requests.Session, url: str, dest: Path, *, progress: bool) -
             total = _stream(session, url, part, offset=0, progress=progress)
         except _Restart:
             raise UserError(
-                f"{url} answered a plain request with a partial range (HTTP 206): check --base_url"
+                f"{url} answered a plain request with a partial range (HTTP 206): check --base_url{_MIRROR}"
             ) from None
     size = part.stat().st_size
     if total is not None and size != total:
@@ -146,7 +148,7 @@ def _stream(
         resp = session.get(url, headers=headers, stream=True, timeout=TIMEOUT)
     except requests.RequestException as e:
         raise UserError(
-            f"cannot reach {url} ({_connect_error(e)}): check the network or --base_url, then"
+            f"cannot reach {url} ({_connect_error(e)}): check the network or --base_url{_MIRROR}, then"
             " re-run to resume"
         ) from None
     with resp:
@@ -221,12 +223,12 @@ def _raise_for_status(resp: requests.Response, url: str) -> None:
     if code in (200, 206):
         return
     if code == 404:
-        raise UserError(f"{url} not found (HTTP 404): check the model name or --base_url")
+        raise UserError(f"{url} not found (HTTP 404): check the model name or --base_url{_MIRROR}")
     if code in (401, 403):
-        raise UserError(f"{url} refused (HTTP {code}): check --base_url")
+        raise UserError(f"{url} refused (HTTP {code}): check --base_url{_MIRROR}")
     if code >= 500:
         raise UserError(f"{url} failed (HTTP {code}): server error, re-run later to resume")
-    raise UserError(f"{url} failed (HTTP {code} {resp.reason}): check --base_url")
+    raise UserError(f"{url} failed (HTTP {code} {resp.reason}): check --base_url{_MIRROR}")
 
 
 def _content_length(resp: requests.Response) -> int | None:
