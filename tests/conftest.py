@@ -6,9 +6,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
-from gpt2tf.hparams import HParams  # noqa: E402
-
-TINY = HParams(n_vocab=257, n_ctx=64, n_embd=32, n_head=4, n_layer=2)
+from tiny import TINY  # noqa: E402
 
 
 @pytest.fixture(scope="session")

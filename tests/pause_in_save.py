@@ -14,8 +14,9 @@ from gpt2tf.cli import train_main  # noqa: E402
 from gpt2tf.train import run_state  # noqa: E402
 
 
-def pause_before_commit(step: int, action) -> None:
-    """Run `action(prefix)` just before the commit of step `step`'s checkpoint."""
+def pause_before_commit(step: int, action):
+    """A run_state.write_checkpoint_state that runs `action(prefix)` just before the commit of
+    step `step`'s checkpoint (install it in run_state)."""
     commit = run_state.write_checkpoint_state
 
     def write_checkpoint_state(run_dir, prefixes):
@@ -23,7 +24,7 @@ def pause_before_commit(step: int, action) -> None:
             action(prefixes[-1])
         return commit(run_dir, prefixes)
 
-    run_state.write_checkpoint_state = write_checkpoint_state
+    return write_checkpoint_state
 
 
 def _stall(prefix: str) -> None:
@@ -32,5 +33,5 @@ def _stall(prefix: str) -> None:
 
 
 if __name__ == "__main__":
-    pause_before_commit(int(sys.argv[1]), _stall)
+    run_state.write_checkpoint_state = pause_before_commit(int(sys.argv[1]), _stall)
     raise SystemExit(train_main(sys.argv[2:]))

@@ -14,10 +14,11 @@ from shared_data import shared_data_dir, reference
 from gpt2tf import checkpoints, cli, convert, encoder, model, source
 from gpt2tf.errors import UserError
 from gpt2tf.hparams import HParams
+from tiny import REPO, tiny
 
-TINY = HParams(n_vocab=257, n_ctx=32, n_embd=16, n_head=2, n_layer=2)
+TINY = tiny(n_ctx=32, n_embd=16, n_head=2)  # small: conversion tests copy weights around
 ATOL = 1e-4
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = REPO / "src"
 
 
 def random_weights(hparams: HParams, seed: int) -> dict[str, np.ndarray]:

@@ -18,10 +18,10 @@ transformers = reference("transformers")
 
 from gpt2tf import checkpoints, convert, encoder, model  # noqa: E402
 from gpt2tf.hparams import HParams  # noqa: E402
+from tiny import TINY  # noqa: E402
 from gpt2tf.decode.decoder import SamplingParams
 from gpt2tf.decode.generator import Generator  # noqa: E402
 
-TINY = HParams(n_vocab=257, n_ctx=64, n_embd=32, n_head=4, n_layer=2)
 ATOL = 1e-4  # float32 through two frameworks' kernels; real bugs are orders of magnitude larger
 GREEDY = SamplingParams(top_k=1)
 

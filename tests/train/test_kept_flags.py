@@ -4,7 +4,7 @@ import json
 import logging
 
 import pytest
-from test_train_helpers import base_args, make_models_dir, train, write_text_data
+from train_helpers import base_args, make_models_dir, train, write_text_data
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from gpt2tf.errors import UserError
 from gpt2tf.decode.decoder import SamplingParams
 from gpt2tf.decode.generator import Generator
 
-from conftest import TINY
+from tiny import TINY
 
 
 def test_same_seed_same_text_different_seed_differs(tiny_generator):

@@ -15,14 +15,13 @@ import requests
 from gpt2tf import checkpoints
 from gpt2tf.decode import generator as inference
 from gpt2tf.serve import app as serve_app
-from gpt2tf.serve import batcher as serve_batcher
 from gpt2tf.serve import schema as serve_schema
 from gpt2tf.serve import server as serve_server
-from gpt2tf.hparams import HParams
+from tiny import tiny
 
 CHROMIUM = os.environ.get("GPT2TF_CHROMIUM", "/usr/bin/chromium")
 REQUIRE_ENV = "GPT2TF_REQUIRE_BROWSER"
-TINY = HParams(n_vocab=257, n_ctx=128, n_embd=32, n_head=2, n_layer=2)
+TINY = tiny(n_ctx=128, n_head=2)
 XSS = '<script>alert(1)</script><img src=x onerror="alert(2)">'
 
 

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_train_helpers import (
+from train_helpers import (
     REPO,
     base_args,
     latest_name,
@@ -150,8 +150,7 @@ def test_fresh_refuses_existing_run_and_overwrite_replaces_it_after_saving(
     def crash(_prefix):
         raise Crash
 
-    commit = run_state.write_checkpoint_state
-    pause_before_commit(2, crash)
+    monkeypatch.setattr(run_state, "write_checkpoint_state", pause_before_commit(2, crash))
     with pytest.raises(Crash):
         train(args + ["--steps", 2, "--restore_from", "fresh", "--overwrite",
                       "--learning_rate", 1e-2])
@@ -165,7 +164,7 @@ def test_fresh_refuses_existing_run_and_overwrite_replaces_it_after_saving(
         np.testing.assert_array_equal(still[name], value)
     assert (run / "metrics.jsonl").read_bytes() == old_metrics
 
-    monkeypatch.setattr(run_state, "write_checkpoint_state", commit)
+    monkeypatch.undo()
     code, _, err = train(args + ["--restore_from", "fresh", "--overwrite", "--steps", 3,
                                  "--learning_rate", 1e-2], capsys)
     assert code == 0, err
@@ -273,7 +272,7 @@ def _pickled_npz(path):
     "precision", "steps", "restore_path", "seq_len",
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, models_dir, data, case, capsys):
-    from test_train_helpers import make_model
+    from train_helpers import make_model
 
     models = models_dir
     dataset = data
@@ -347,7 +346,7 @@ def test_cli_help_and_light_import(capsys):
         capture_output=True, text=True, check=False,
     )
     assert bad.returncode == 1 and bad.stdout == ""
-    assert bad.stderr == "error: unknown optimizer 'adamw': choose one of adam, sgd, adafactor\n"
+    assert bad.stderr == "error: --optimizer must be one of adam, sgd, adafactor, got 'adamw'\n"
 
 
 # --- the step's maths (graph only) -------------------------------------------------------------

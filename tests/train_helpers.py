@@ -1,8 +1,9 @@
 """Shared pieces of the training tests: tiny model directories, a CLI runner, file snapshots.
 
-(Named test_train_* so it stays with the trainer's tests; it holds no tests itself.)
+(It holds no tests itself; the training tests under tests/train/ import it.)
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -11,18 +12,16 @@ import sys
 from pathlib import Path
 
 from shared_data import shared_data_dir
+from tiny import REPO, tiny
 
-REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"
 
-TINY = {"n_vocab": 257, "n_ctx": 64, "n_embd": 32, "n_head": 2, "n_layer": 2}
+TRAIN_TINY = tiny(n_head=2)
 
 
 def make_model(out_dir: Path, *, vocab_dir=None, **overrides) -> Path:
     from gpt2tf import checkpoints
-    from gpt2tf.hparams import HParams
-
-    hp = HParams(**{**TINY, **overrides})
+    hp = dataclasses.replace(TRAIN_TINY, **overrides)
     return checkpoints.init_model_dir(out_dir, hp, vocab_dir=vocab_dir)
 
 

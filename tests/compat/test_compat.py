@@ -2,7 +2,7 @@
 
 import gpt2tf as gpt2
 from gpt2tf import checkpoints
-from conftest import TINY
+from tiny import TINY
 
 
 def test_gpt2_simple_script_runs_unchanged(tiny_model_dir, tmp_path):

@@ -6,7 +6,7 @@ import signal
 
 import numpy as np
 import pytest
-from test_train_helpers import (
+from train_helpers import (
     Child,
     base_args,
     latest_name,
@@ -57,7 +57,6 @@ def test_kill_9_while_training_resumes_from_last_checkpoint(tmp_path, args):
 
 
 def test_kill_9_during_a_save_keeps_the_previous_checkpoint(tmp_path, args):
-    from gpt2tf.train import run_state
     from gpt2tf.decode.generator import Generator
 
     run = tmp_path / "checkpoint" / "run1"

@@ -12,7 +12,7 @@ import sys
 import textwrap
 
 import pytest
-from test_train_helpers import (
+from train_helpers import (
     base_args,
     latest_name,
     make_model,

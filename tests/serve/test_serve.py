@@ -30,10 +30,9 @@ from gpt2tf.serve import batcher as serve_batcher
 from gpt2tf.serve import schema as serve_schema
 from gpt2tf.serve import server as serve_server
 from gpt2tf.errors import UserError
-from gpt2tf.hparams import HParams
+from tiny import REPO, tiny
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = HParams(n_vocab=257, n_ctx=128, n_embd=32, n_head=2, n_layer=2)
+TINY = tiny(n_ctx=128, n_head=2)  # room for long prompts and the window limits
 LIMITS = serve_schema.Limits(max_batch=8, queue_size=256, max_tokens_limit=20000, max_prompt_tokens=300,
                       max_body_bytes=64_000)
 
