@@ -159,9 +159,6 @@ def init_model_dir(
     else:
         vocab = encoder.byte_level_vocab()
     enc = encoder.Encoder.from_bytes(*vocab, source=str(vocab_dir or "byte-level vocabulary"))
-    if hparams.n_vocab < enc.n_vocab:
-        raise UserError(
-            f"n_vocab={hparams.n_vocab} is smaller than the vocabulary ({enc.n_vocab} tokens):"
-            f" use --n_vocab {enc.n_vocab} or more"
-        )
+    enc.check_fits(hparams.n_vocab, vocab=str(vocab_dir or "the byte-level vocabulary"),
+                   model="n_vocab", fix=f"use --n_vocab {enc.n_vocab} or more")
     return write_model_dir(out_dir, hparams, init_weights(hparams, seed), vocab)

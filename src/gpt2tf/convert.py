@@ -302,11 +302,7 @@ def read_hf_vocab(hf_dir: Path, hparams: HParams) -> tuple[bytes, bytes]:
         merges += b"\n"
     encoder_json = openai_spelling(encoder_json)
     enc = Encoder.from_bytes(encoder_json, merges, source=str(hf_dir))  # a clear error if not BPE
-    if enc.n_vocab > hparams.n_vocab:
-        raise UserError(
-            f"{hf_dir / HF_VOCAB} has {enc.n_vocab} tokens but {HF_CONFIG} vocab_size="
-            f"{hparams.n_vocab}: the tokenizer does not belong to this model"
-        )
+    enc.check_fits(hparams.n_vocab, vocab=str(hf_dir / HF_VOCAB), model=f"{HF_CONFIG} vocab_size")
     return encoder_json, merges
 
 

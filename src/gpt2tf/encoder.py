@@ -266,6 +266,14 @@ class Encoder:
         """Size of the embedding table this vocabulary needs: the largest id + 1."""
         return self._n_vocab
 
+    def check_fits(self, n_vocab: int, *, vocab: str, model: str, fix: str = "") -> None:
+        """UserError unless a model with `n_vocab` embeddings covers every id of this
+        vocabulary (`vocab` and `model` name where each number came from)."""
+        if self.n_vocab > n_vocab:
+            raise UserError(
+                f"{vocab} has {self.n_vocab} tokens but {model}={n_vocab}: "
+                + (fix or "the vocabulary does not belong to this model"))
+
     @property
     def eot_token(self) -> int | None:
         """Id of `<|endoftext|>`, or None when the vocabulary has no such token."""

@@ -85,11 +85,9 @@ class ModelSource:
         from gpt2tf.encoder import Encoder
 
         enc = Encoder.from_bytes(*self.vocab_files, source=str(self.path))
-        if (self.path / paths.HPARAMS).is_file() and enc.n_vocab > self.hparams.n_vocab:
-            raise UserError(
-                f"{self.path}: the vocabulary has {enc.n_vocab} tokens but hparams.json"
-                f" n_vocab={self.hparams.n_vocab}; the files do not belong together"
-            )
+        if (self.path / paths.HPARAMS).is_file():
+            enc.check_fits(self.hparams.n_vocab, vocab=str(self.path),
+                           model=f"{paths.HPARAMS} n_vocab")
         return enc
 
     def latest_checkpoint(self) -> str:

@@ -36,3 +36,28 @@ def test_generate_prints_like_gpt2_simple(tiny_model_dir, capsys):
                   length=5, seed=1, nsamples=2, prefix="x")
     out = capsys.readouterr().out
     assert out.count("=" * 20 + "\n") == 2
+
+
+def test_python_api_and_convert_print_no_tensorflow_chatter(tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tiny import REPO
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GPT2TF_TF_LOGS",
+                                                              "TF_CPP_MIN_LOG_LEVEL")}
+    env["PYTHONPATH"] = str(REPO / "src")
+    code = ("import gpt2tf as gpt2; s = gpt2.start_tf_sess();"
+            f" gpt2.load_gpt2(s, model_name={tiny_model_dir.name!r},"
+            f" model_dir={str(tiny_model_dir.parent)!r});"
+            " print(len(gpt2.generate(s, length=3, seed=1, return_as_list=True)))")
+    api = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert api.returncode == 0 and api.stdout == "1\n" and api.stderr == "", api.stderr
+    convert = subprocess.run(
+        [sys.executable, "-c", "import sys; from gpt2tf.cli import main; sys.exit(main())",
+         "convert", "to-hf", str(tiny_model_dir), str(tmp_path / "hf")],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert convert.returncode == 0, convert.stderr
+    assert convert.stderr.splitlines() == [f"wrote HuggingFace GPT-2 directory {tmp_path / 'hf'}"]

@@ -88,6 +88,8 @@ def stats(url: str) -> dict:
 
 
 def test_generate_streams_the_seeded_continuation(page, url):
+    # The model's name arrives by its own request after the page is ready: wait for it.
+    page.wait_for_function("document.getElementById('model').textContent !== ''")
     assert page.text_content("#model") == "tiny"
     fill(page, "Hello there", max_tokens=40, seed=3, temperature=0.9, top_k=40, top_p=1)
     page.click("#generate")

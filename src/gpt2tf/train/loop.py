@@ -84,13 +84,9 @@ class Graph:
             self.init = [tf1.global_variables_initializer(), tf1.local_variables_initializer()]
         self.graph.finalize()
         self.names = {
-            "step": _name(step_var),
-            "optimizer": [_name(v) for v in opt_vars],
+            "step": checkpoints.var_name(step_var),
+            "optimizer": [checkpoints.var_name(v) for v in opt_vars],
         }
-
-
-def _name(v) -> str:
-    return v.name.split(":")[0]
 
 
 # --- signals ----------------------------------------------------------------------------------

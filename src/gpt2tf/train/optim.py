@@ -13,6 +13,7 @@ import math
 import tensorflow as tf
 
 from gpt2tf import settings
+from gpt2tf.checkpoints import var_name
 
 tf1 = tf.compat.v1
 
@@ -76,10 +77,6 @@ def learning_rate_value(
     return base * factor
 
 
-def _slot_name(var) -> str:
-    return var.name.split(":")[0]
-
-
 class Adafactor:
     """Adafactor without parameter scaling or relative steps: `learning_rate` is the step size.
 
@@ -100,7 +97,7 @@ class Adafactor:
     def _slot(self, var, suffix: str, shape: list[int]):
         v = tf1.Variable(
             tf.zeros(shape, tf.float32), trainable=False, use_resource=True,
-            name=f"{SLOT_SCOPE}/adafactor/{_slot_name(var)}/{suffix}",
+            name=f"{SLOT_SCOPE}/adafactor/{var_name(var)}/{suffix}",
         )
         self.variables.append(v)
         return v

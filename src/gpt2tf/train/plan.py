@@ -50,7 +50,7 @@ def plan_run(
 ) -> Plan:
     from gpt2tf import checkpoints
 
-    latest = run_state.latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    latest = run_state.latest_committed(run_dir) if run_dir.is_dir() else None
     resume = restore_from == "latest" and latest is not None
     if resume:
         source, prefix = ModelSource.at(run_dir), latest

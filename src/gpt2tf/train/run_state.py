@@ -62,7 +62,7 @@ def checkpoint_state(run_dir: Path) -> tuple[str | None, list[str]]:
     return state.model_checkpoint_path, list(state.all_model_checkpoint_paths)
 
 
-def latest_checkpoint(run_dir: Path) -> str | None:
+def latest_committed(run_dir: Path) -> str | None:
     """The complete checkpoint `checkpoint` names in a run directory, or None if there is none."""
     if not (run_dir / paths.CKPT_STATE).is_file():
         return None

@@ -18,6 +18,7 @@ input later), so the same step can be built per replica.
 import tensorflow as tf
 
 from gpt2tf import model, settings
+from gpt2tf.checkpoints import var_name
 from gpt2tf.hparams import HParams
 from gpt2tf.train import optim
 from gpt2tf.train.config import StepConfig
@@ -140,7 +141,7 @@ class TrainStep:
 
         with tf1.variable_scope(TRAIN_SCOPE):
             accs = [
-                local(v.shape, "accum/" + v.name.split(":")[0]) for v in self.train_variables
+                local(v.shape, "accum/" + var_name(v)) for v in self.train_variables
             ]
             loss_acc = local([], "accum/loss")
         self.accumulators = accs + [loss_acc]
