@@ -19,7 +19,7 @@ transformers = reference("transformers")
 from gpt2tf import checkpoints, convert, encoder, model  # noqa: E402
 from gpt2tf.hparams import HParams  # noqa: E402
 from tiny import TINY  # noqa: E402
-from gpt2tf.decode.decoder import SamplingParams
+from gpt2tf.decode.engine import SamplingParams
 from gpt2tf.decode.generator import Generator  # noqa: E402
 
 ATOL = 1e-4  # float32 through two frameworks' kernels; real bugs are orders of magnitude larger

@@ -70,12 +70,17 @@ def restore(session, prefix: str, saver, hparams: HParams) -> None:
 def read_weights(prefix: str) -> dict[str, np.ndarray]:
     """Every model weight of a checkpoint as numpy arrays (optimizer state left out)."""
     list_checkpoint(prefix)  # a clear error for unreadable files
-    reader = tf.train.load_checkpoint(prefix)
-    return {
-        name: reader.get_tensor(name)
-        for name in reader.get_variable_to_shape_map()
-        if name.startswith("model/") and "/Adam" not in name and "/Momentum" not in name
-    }
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        return {
+            name: reader.get_tensor(name)
+            for name in reader.get_variable_to_shape_map()
+            if name.startswith("model/") and "/Adam" not in name and "/Momentum" not in name
+        }
+    except tf.errors.OpError as e:
+        raise UserError(
+            f"cannot read {prefix}: {str(e).splitlines()[0]}; the files are corrupt"
+        ) from None
 
 
 def init_weights(hparams: HParams, seed: int = 0) -> dict[str, np.ndarray]:

@@ -37,6 +37,7 @@ def _settings(*names: str) -> list:
 
 def _api(names: tuple[str, ...], *, leading=("sess",), settings=None, keyword_only=()):
     settings = settings or _settings(*names)
+    keyword_only = tuple(keyword_only)
     sig = S.signature(settings, leading=leading, names=S.GPT2_SIMPLE_NAMES,
                       defaults=S.GPT2_SIMPLE_DEFAULTS, keyword_only=keyword_only)
     return S.takes(sig, names=S.GPT2_SIMPLE_NAMES, settings=[*settings, *keyword_only])
@@ -50,16 +51,18 @@ class Session:
         self._models: dict[tuple[str, str], object] = {}
         self.current = None  # the Generator generate() uses by default
 
-    def load(self, source: "str | os.PathLike | ModelSource", checkpoint: str | None = None):
+    def load(self, source: "str | os.PathLike | ModelSource", checkpoint: str | None = None,
+             precision: str = S.DECODE_PRECISION.default):
         """Load (or reuse) a Generator for a model/run directory and make it current."""
         import_tensorflow()
         from gpt2tf.decode.generator import Generator
 
         source = ModelSource.at(source)
         prefix = checkpoint or source.latest_checkpoint()
-        key = (str(source.path.resolve()), str(Path(prefix).resolve()))
+        key = (str(source.path.resolve()), str(Path(prefix).resolve()), precision)
         if key not in self._models:
-            self._models[key] = Generator(source, checkpoint=prefix, threads=self.threads)
+            self._models[key] = Generator(source, checkpoint=prefix, threads=self.threads,
+                                          precision=precision)
         self.current = self._models[key]
         return self.current
 
@@ -106,15 +109,15 @@ def is_gpt2_downloaded(model_dir: str = "models", model_name: str = "124M") -> b
 
 
 @_api(("checkpoint", "run_name", "checkpoint_dir", "model_name", "models_dir", "multi_gpu",
-       "reuse"))
+       "reuse"), keyword_only=(S.DECODE_PRECISION,))
 def load_gpt2(*, sess, checkpoint, run_name, checkpoint_dir, model_name, models_dir, multi_gpu,
-              reuse) -> None:
+              reuse, precision) -> None:
     """Load a released model (model_name) or a fine-tuned run into the session."""
     if multi_gpu:
         log.warning("multi_gpu has no effect: generation runs on one device")
     source = _source(run_name, checkpoint_dir, model_name, models_dir)
     prefix = None if checkpoint in (None, "latest") else str(source.path / checkpoint)
-    sess.load(source, prefix)
+    sess.load(source, prefix, precision=precision)
 
 
 _GENERATE = ("run_name", "checkpoint_dir", "model_name", "models_dir", "sample_dir",

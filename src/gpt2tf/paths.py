@@ -25,6 +25,8 @@ MODEL_FILES = (
 )
 VOCAB_FILES = (ENCODER, VOCAB)
 
+DECODE_CACHE = ".gpt2tf-decode"  # converted decode models, beside the checkpoint they come from
+CACHE_ENV = "GPT2TF_CACHE_DIR"  # where they go when the model folder is read-only
 TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
 SAMPLER_STATE = "sampler_state.json"

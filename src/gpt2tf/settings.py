@@ -186,10 +186,13 @@ DESTINATION_PATH = S("destination_path", str, "",
 SAMPLE_DELIM = S("sample_delim", str, "=" * 20 + "\n", "text written between samples",
                  text=True)
 STOP_AT_EOT = S("stop_at_eot", bool, True, "end a sample at <|endoftext|>")
+DECODE_PRECISION = S("precision", str, "fp32", "weights generation reads: fp32 (exact), int8"
+                     " (per-channel, fastest) or bf16", choices=("fp32", "int8", "bf16"))
 SAMPLING = (TEMPERATURE, TOP_K, TOP_P)
 GENERATE = (SEED, NSAMPLES, BATCH_SIZE, LENGTH, TEMPERATURE, TOP_K, TOP_P, PREFIX, TRUNCATE,
-            INCLUDE_PREFIX, DESTINATION_PATH, SAMPLE_DELIM, STOP_AT_EOT)
-INTERACTIVE = (SEED, NSAMPLES, BATCH_SIZE, LENGTH, TEMPERATURE, TOP_K, TOP_P, STOP_AT_EOT)
+            INCLUDE_PREFIX, DESTINATION_PATH, SAMPLE_DELIM, STOP_AT_EOT, DECODE_PRECISION)
+INTERACTIVE = (SEED, NSAMPLES, BATCH_SIZE, LENGTH, TEMPERATURE, TOP_K, TOP_P, STOP_AT_EOT,
+               DECODE_PRECISION)
 
 # Reading text.
 ENCODING = S("encoding", str, "utf-8", "text encoding of the input files (a Python codec name)")
@@ -303,6 +306,7 @@ LIMITS = (
     S("max_body_bytes", int, 1_000_000, "largest request body", low=1),
 )
 SERVE = MODEL_SOURCE + (
+    DECODE_PRECISION,
     S("host", str, "127.0.0.1", "address to listen on (0.0.0.0: every interface)"),
     S("port", int, 8000, "TCP port; 0: any free port", low=0, high=65535),
 ) + LIMITS + (

@@ -9,7 +9,7 @@ import pytest
 
 from gpt2tf import checkpoints, cli, paths
 from gpt2tf.errors import UserError
-from gpt2tf.decode.decoder import SamplingParams
+from gpt2tf.decode.engine import SamplingParams
 from gpt2tf.decode.generator import Generator
 
 from tiny import TINY

@@ -367,7 +367,7 @@ def test_batches_group_rows_that_sample_alike(models_dir, invariant):
     """Rows share a batch only with rows of the same sampler and top-k width; with
     batch_invariant every batch is padded to max_batch rows (fixed shapes, exact results)."""
     from gpt2tf.source import ModelSource
-    from gpt2tf.decode.decoder import SamplingParams
+    from gpt2tf.decode.engine import SamplingParams
 
     gen = _FakeGenerator(ModelSource.at(models_dir / "tiny").encoder)
     batcher = serve_batcher.Batcher(gen, max_batch=4, queue_size=16, batch_invariant=invariant)

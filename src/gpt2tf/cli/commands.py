@@ -77,13 +77,13 @@ def train(*, given: set, **values):
 
 def generate(*, model_name, models_dir, run_name, checkpoint_dir, seed, nsamples, batch_size,
              length, temperature, top_k, top_p, prefix, truncate, include_prefix,
-             destination_path, sample_delim, stop_at_eot):
+             destination_path, sample_delim, stop_at_eot, precision):
     source = _source(model_name, models_dir, run_name, checkpoint_dir)
     import_tensorflow()
     from gpt2tf.decode.generator import Generator, generate_texts
     from gpt2tf.decode.text import format_sample, write_samples
 
-    with Generator(source) as gen:
+    with Generator(source, precision=precision) as gen:
         def show(i, text):
             if not destination_path:
                 print(format_sample(text, sample_delim, nsamples), end="", flush=True)
@@ -103,7 +103,7 @@ PROMPT = "Model prompt >>> "
 
 
 def interactive(*, model_name, models_dir, run_name, checkpoint_dir, seed, nsamples,
-                batch_size, length, temperature, top_k, top_p, stop_at_eot):
+                batch_size, length, temperature, top_k, top_p, stop_at_eot, precision):
     source = _source(model_name, models_dir, run_name, checkpoint_dir)
     import_tensorflow()
     from gpt2tf.decode.generator import Generator, generate_texts
@@ -129,7 +129,7 @@ def interactive(*, model_name, models_dir, run_name, checkpoint_dir, seed, nsamp
             banner(i)
             print(text)
 
-    with Generator(source) as gen:
+    with Generator(source, precision=precision) as gen:
         while True:
             try:
                 prompt = input(PROMPT)
@@ -156,14 +156,14 @@ def interactive(*, model_name, models_dir, run_name, checkpoint_dir, seed, nsamp
             print("=" * 80)
 
 
-def serve(*, model_name, models_dir, run_name, checkpoint_dir, host, port, batch_invariant,
-          shutdown_grace_s, log_level, **limits):
+def serve(*, model_name, models_dir, run_name, checkpoint_dir, precision, host, port,
+          batch_invariant, shutdown_grace_s, log_level, **limits):
     from gpt2tf.serve import server
 
     source = _source(model_name, models_dir, run_name, checkpoint_dir)
     import_tensorflow()
     server.serve(source, host=host, port=port, limits=limits, batch_invariant=batch_invariant,
-                 shutdown_grace_s=shutdown_grace_s, log_level=log_level)
+                 shutdown_grace_s=shutdown_grace_s, log_level=log_level, precision=precision)
 
 
 def to_hf(*, src_dir, out_dir):

@@ -1,4 +1,4 @@
-"""`Generator`: a loaded model that samples text; owns its tf.Graph and tf.Session."""
+"""`Generator`: a loaded model that samples text, over the decode engine."""
 
 import os
 from typing import Iterator, Sequence
@@ -6,9 +6,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from gpt2tf import checkpoints, model, paths
-from gpt2tf.decode.decoder import Decoder, SamplingParams
+from gpt2tf import checkpoints, model, paths, settings
+from gpt2tf.decode import fast
+from gpt2tf.decode.engine import DecodeEngine, SamplingParams
+from gpt2tf.decode.graph import GraphBackend
 from gpt2tf.decode.text import TextStream
+from gpt2tf.errors import FieldError
 from gpt2tf.source import ModelSource
 
 tf1 = tf.compat.v1
@@ -24,7 +27,14 @@ def session_config(threads: int | None = None) -> tf1.ConfigProto:
 
 
 class Generator:
-    """A loaded model that samples text; owns its tf.Graph and tf.Session."""
+    """A loaded model that samples text.
+
+    Generation runs on the fast path (gpt2tf.decode.fast: the checkpoint converted for
+    TFLite/XNNPACK, cached beside it) in fp32 (exact) or int8 weights; bf16 runs the TF graph
+    with bfloat16 matmuls. Where the fast path cannot run, the TF graph takes over with a one-line
+    note. The TF graph (own tf.Graph and tf.Session) is built only when something needs it:
+    `logits`, bf16, the fallback, or engine="graph".
+    """
 
     def __init__(
         self,
@@ -32,22 +42,56 @@ class Generator:
         *,
         checkpoint: str | None = None,
         threads: int | None = None,
+        precision: str = settings.DECODE_PRECISION.default,
+        engine: str = "auto",
     ):
         self.source = ModelSource.at(model_dir)
         self.model_dir = self.source.path
         self.hparams = self.source.hparams
         self.encoder = self.source.encoder
         self.checkpoint = checkpoint or self.source.latest_checkpoint()
-        self.graph = tf.Graph()
-        with self.graph.as_default():
-            self.decoder = Decoder(self.hparams, self.encoder)
-            self._saver = checkpoints.make_saver(model.model_variables())
-            # Scoring graph (full causal forward, no cache) for tests and evaluation.
-            self._score_tokens = tf1.placeholder(tf.int32, [None, None], name="score_tokens")
-            self._score_logits = model.model(self.hparams, self._score_tokens)["logits"]
-        self.graph.finalize()  # nothing may add nodes later: no slow-down across calls
-        self.session = tf1.Session(graph=self.graph, config=session_config(threads))
-        checkpoints.restore(self.session, self.checkpoint, self._saver, self.hparams)
+        self.precision = settings.DECODE_PRECISION.check(precision)
+        self.threads = threads
+        checkpoints.check_compatible(self.checkpoint, self.hparams)
+        self._graph = None  # (graph, session, backend, score tokens, score logits), on demand
+        backend = None
+        if engine not in ("auto", "graph"):
+            raise FieldError("engine", f"must be auto or graph, got {engine!r}")
+        if engine == "auto" and self.precision in fast.PRECISIONS:
+            backend = fast.open_backend(self.source, self.checkpoint, self.precision,
+                                        threads=threads)
+        if backend is None:
+            backend = self._graph_parts()[2]
+        self.engine_name = "graph" if backend is self._graph_backend() else "fast"
+        self.engine = DecodeEngine(backend, self.hparams, self.encoder)
+
+    def _graph_backend(self):
+        return None if self._graph is None else self._graph[2]
+
+    def _graph_parts(self):
+        if self._graph is None:
+            graph = tf.Graph()
+            precision = model.BF16 if self.precision == "bf16" else model.FP32
+            with graph.as_default():
+                backend = GraphBackend(self.hparams, precision=precision)
+                saver = checkpoints.make_saver(model.model_variables())
+                # Scoring graph (full causal forward, no cache) for tests and evaluation.
+                tokens = tf1.placeholder(tf.int32, [None, None], name="score_tokens")
+                logits = model.model(self.hparams, tokens)["logits"]
+            graph.finalize()  # nothing may add nodes later: no slow-down across calls
+            session = tf1.Session(graph=graph, config=session_config(self.threads))
+            checkpoints.restore(session, self.checkpoint, saver, self.hparams)
+            backend.session = session
+            self._graph = (graph, session, backend, tokens, logits)
+        return self._graph
+
+    @property
+    def graph(self):
+        return self._graph_parts()[0]
+
+    @property
+    def session(self):
+        return self._graph_parts()[1]
 
     @classmethod
     def from_model(cls, model_name: str, models_dir: str = paths.DEFAULT_MODELS_DIR, **kw):
@@ -58,7 +102,11 @@ class Generator:
         return cls(ModelSource.resolve(run_name=run_name, checkpoint_dir=checkpoint_dir), **kw)
 
     def close(self) -> None:
-        self.session.close()
+        if self._graph is not None:
+            self._graph[1].close()
+        close = getattr(self.engine.backend, "close", None)
+        if close is not None:
+            close()
 
     def __enter__(self):
         return self
@@ -67,22 +115,23 @@ class Generator:
         self.close()
 
     def logits(self, tokens: Sequence[Sequence[int]]) -> np.ndarray:
-        """Full forward pass: [B, T] ids -> [B, T, V] logits."""
-        return self.session.run(self._score_logits, {self._score_tokens: np.asarray(tokens)})
+        """Full forward pass in the TF graph (fp32): [B, T] ids -> [B, T, V] logits."""
+        _, session, _, x, logits = self._graph_parts()
+        return session.run(logits, {x: np.asarray(tokens)})
 
     def encode_prompt(self, prefix: str | None) -> list[int]:
-        return self.decoder.encode_prompt(prefix)
+        return self.engine.encode_prompt(prefix)
 
     def stream(self, contexts, *, length, params, rngs) -> Iterator[np.ndarray]:
-        """See Decoder.stream."""
-        return self.decoder.stream(self.session, contexts, length=length, params=params, rngs=rngs)
+        """See DecodeEngine.stream."""
+        return self.engine.stream(contexts, length=length, params=params, rngs=rngs)
 
     def iter_samples(self, context, **kwargs) -> Iterator[TextStream]:
-        """See Decoder.iter_samples."""
-        return self.decoder.iter_samples(self.session, context, **kwargs)
+        """See DecodeEngine.iter_samples."""
+        return self.engine.iter_samples(context, **kwargs)
 
     def generate_tokens(self, context: Sequence[int], **kwargs) -> list[list[int]]:
-        """Token ids of `nsamples` continuations of one prompt (see Decoder.iter_samples)."""
+        """Token ids of `nsamples` continuations of one prompt (see DecodeEngine.iter_samples)."""
         return [s.tokens for s in self.iter_samples(context, **kwargs)]
 
 

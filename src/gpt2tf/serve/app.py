@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import AsyncIterator
 
-from gpt2tf.decode.decoder import sample_seed
+from gpt2tf.decode.engine import sample_seed
 from gpt2tf.serve.batcher import Batcher, QueueFull, _Job, _Row
 from gpt2tf.serve.schema import ApiError, CompletionRequest, Limits, parse_request
 

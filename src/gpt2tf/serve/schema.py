@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from gpt2tf.decode.decoder import SamplingParams, new_seed
+from gpt2tf.decode.engine import SamplingParams, new_seed
 from gpt2tf import settings
 from gpt2tf.errors import FieldError
 

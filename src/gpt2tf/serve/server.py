@@ -98,7 +98,8 @@ def serve_in_thread(app, *, host: str = "127.0.0.1", port: int = 0, log_level: s
 
 
 def serve(source, *, host: str, port: int, limits: dict, batch_invariant: bool = True,
-          shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S, log_level: str = "info") -> None:
+          shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S, log_level: str = "info",
+          precision: str = "fp32") -> None:
     """Load `source` (a ModelSource) and serve it on host:port until Ctrl-C or SIGTERM."""
     from gpt2tf.decode.generator import Generator
     from gpt2tf.serve.app import Service
@@ -107,7 +108,7 @@ def serve(source, *, host: str, port: int, limits: dict, batch_invariant: bool =
     limits = Limits(**limits)
     sock = bind_socket(str(host), port)  # fail on a busy port before the model loads
     try:
-        with Generator(source) as gen:
+        with Generator(source, precision=precision) as gen:
             app = Service(gen, model_id=source.name, limits=limits,
                           batch_invariant=batch_invariant).app()
             server = _uvicorn_server(app, log_level=log_level, grace_s=shutdown_grace_s)

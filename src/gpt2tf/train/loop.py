@@ -30,7 +30,8 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2tf import checkpoints, fileio, paths
-from gpt2tf.decode.decoder import Decoder, SamplingParams
+from gpt2tf.decode.engine import DecodeEngine, SamplingParams
+from gpt2tf.decode.graph import GraphBackend
 from gpt2tf.decode.generator import session_config
 from gpt2tf.errors import FieldError, UserError
 from gpt2tf.train import run_state
@@ -66,9 +67,9 @@ class Graph:
                 hparams, self.val_tokens,
                 precision=check_precision(cfg.precision),
             )
-            self.decoder = None
+            self.sampler = None  # the decode engine over the weights being trained
             if cfg.sample_every and cfg.sample_num:
-                self.decoder = Decoder(hparams, encoder)
+                self.sampler = DecodeEngine(GraphBackend(hparams), hparams, encoder)
             step_var = self.step.global_step
             self.model_saver = tf1.train.Saver(self.step.model_variables)
             self.step_saver = tf1.train.Saver([step_var])
@@ -292,7 +293,8 @@ class Trainer:
         return float(sum(losses) / len(losses))
 
     def sample(self, step: int, stop: StopRequest) -> None:
-        dec = self.g.decoder
+        engine = self.g.sampler
+        engine.backend.session = self.session
         params = SamplingParams(
             temperature=SAMPLE_TEMPERATURE, top_k=self.cfg.top_k, top_p=self.cfg.top_p
         )
@@ -303,8 +305,8 @@ class Trainer:
 
         try:
             texts = [
-                s.text for s in dec.iter_samples(
-                    self.session, dec.encode_prompt(None), nsamples=self.cfg.sample_num,
+                s.text for s in engine.iter_samples(
+                    engine.encode_prompt(None), nsamples=self.cfg.sample_num,
                     batch_size=min(self.cfg.batch_size, self.cfg.sample_num),
                     length=self.cfg.sample_length, params=params,
                     seed=(self.cfg.seed * 1_000_003 + step) % (1 << 62), on_token=on_token,
@@ -382,7 +384,7 @@ class Trainer:
                 self._progress(record, started, step_time, done)
             if cfg.save_every and step % cfg.save_every == 0:
                 self.save(step)
-            if self.g.decoder is not None and step % cfg.sample_every == 0:
+            if self.g.sampler is not None and step % cfg.sample_every == 0:
                 self.sample(step, stop)
         if self.last_saved != step and (step != self.start_step or not self.plan.resume):
             self.save(step)  # (a resumed run stopped before its first step changed nothing)

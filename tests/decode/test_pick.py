@@ -1,45 +1,25 @@
-"""The samplers: top-k, top-p (nucleus), temperature, per-row settings, inverse-CDF picks."""
+"""The host sampler: top-k, top-p (nucleus), temperature, per-row settings, inverse-CDF picks."""
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from gpt2tf import sample
-
-tf1 = tf.compat.v1
+from gpt2tf.decode.engine import SamplingParams
+from gpt2tf.decode.pick import pick
 
 
 @pytest.fixture(scope="module")
 def run_sampler():
-    graph = tf.Graph()
-    with graph.as_default():
-        logits = tf1.placeholder(tf.float32, [None, None])
-        temperature = tf1.placeholder(tf.float32, [None])
-        top_k = tf1.placeholder(tf.int32, [None])
-        top_p = tf1.placeholder(tf.float32, [None])
-        k_max = tf1.placeholder(tf.int32, [])
-        uniform = tf1.placeholder(tf.float32, [None])
-        plain = sample.sample_plain(logits, temperature=temperature, uniform=uniform)
-        filtered = sample.sample_filtered(
-            logits, temperature=temperature, top_k=top_k, top_p=top_p, k_max=k_max,
-            uniform=uniform,
-        )
-    sess = tf1.Session(graph=graph)
-
     def run(l, u, temp=None, k=None, p=None):
         l = np.asarray(l, np.float32)
-        b, v = l.shape
-        feed = {logits: l, uniform: np.asarray(u, np.float32),
-                temperature: np.asarray(temp if temp is not None else [1.0] * b, np.float32)}
-        if k is None and p is None:
-            return sess.run(plain, feed)
-        k = list(k if k is not None else [0] * b)
-        p = [x if 0 < x < 1 else sample.TOP_P_OFF for x in (p if p is not None else [1.0] * b)]
-        feed.update({top_k: k, top_p: p, k_max: v if 0 in k else max(k)})
-        return sess.run(filtered, feed)
+        b = l.shape[0]
+        temp = temp if temp is not None else [1.0] * b
+        k = k if k is not None else [0] * b
+        p = p if p is not None else [0.0] * b
+        params = [SamplingParams(temperature=t, top_k=kk, top_p=pp)
+                  for t, kk, pp in zip(temp, k, p)]
+        return pick(l, params, np.asarray(u, np.float64))
 
-    yield run
-    sess.close()
+    return run
 
 
 def test_top_k_1_is_argmax(run_sampler):
@@ -95,9 +75,9 @@ def test_temperature_sharpens(run_sampler):
     np.testing.assert_array_equal(got, [0, 1])
 
 
-def test_two_level_pick_matches_a_full_cumsum(run_sampler):
-    # 50257 tokens span 197 blocks of the two-level search: every pick equals numpy's
-    # inverse CDF over the whole row (targets within rounding of a boundary are skipped).
+def test_pick_matches_a_full_cumsum_over_the_vocabulary(run_sampler):
+    # Every pick over 50257 tokens equals the inverse CDF of the whole row (targets within
+    # rounding of a boundary are skipped).
     rng = np.random.default_rng(1)
     logits = rng.normal(scale=3.0, size=[1, 50257])
     p = np.exp(logits[0] - logits[0].max())
@@ -113,3 +93,9 @@ def test_pick_never_lands_on_a_zero_probability_token(run_sampler):
     logits[0, [3, 700]] = [0.0, -1.0]
     got = {int(run_sampler(logits, [u])[0]) for u in (0.0, 0.5, 0.72, 0.73, 0.999999, 0.9999999)}
     assert got == {3, 700}
+
+
+def test_ties_go_to_the_lower_id_and_batch_rows_are_independent(run_sampler):
+    logits = np.zeros([2, 6], np.float32)
+    np.testing.assert_array_equal(run_sampler(logits, [0.0, 0.0], k=[3, 3]), [0, 0])
+    np.testing.assert_array_equal(run_sampler(logits, [0.99, 0.5], k=[3, 3]), [2, 1])

@@ -1,0 +1,124 @@
+"""The fast decode path, prepared from a checkpoint: converted once, cached, never stale.
+
+The converted model (gpt2tf.decode.lite: the decode step for TFLite/XNNPACK) is derived from
+the checkpoint automatically and written atomically into `.gpt2tf-decode/` beside it. Its
+name carries a key over everything it depends on: the checkpoint's .index file (which holds a
+CRC of every tensor, so any change of the weights changes it), hparams, the precision, the
+converter's format version and TensorFlow's version. A new training step saved, or a file
+replaced, gives a new key and a fresh conversion; older conversions of the same precision are
+then removed. A model folder that cannot be written falls back to the user's cache
+($GPT2TF_CACHE_DIR, else $XDG_CACHE_HOME/gpt2tf, else ~/.cache/gpt2tf), and where nothing can
+be written the model is converted in memory. A missing or stale cache is never an error.
+"""
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gpt2tf import checkpoints, fileio, paths
+from gpt2tf.hparams import HParams
+from gpt2tf.source import ModelSource
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "int8")  # what the fast path stores; bf16 runs on the TF graph
+
+
+def cache_key(prefix: str, hparams: HParams, precision: str) -> str:
+    import tensorflow as tf
+
+    from gpt2tf.decode import lite
+
+    h = hashlib.sha256()
+    for part in (f"format {lite.FORMAT_VERSION}", f"tf {tf.__version__}", precision,
+                 hparams.to_json(), os.path.basename(prefix)):
+        h.update(part.encode() + b"\0")
+    h.update(Path(prefix + ".index").read_bytes())
+    return h.hexdigest()[:20]
+
+
+def user_cache_dir(source: ModelSource) -> Path:
+    root = os.environ.get(paths.CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2tf")
+    where = hashlib.sha256(str(source.path.resolve()).encode()).hexdigest()[:16]
+    return Path(root) / f"{source.path.name}-{where}"
+
+
+def prepared_model(source: ModelSource, prefix: str, precision: str) -> Path | bytes:
+    """The converted model for this checkpoint and precision: a cached file, or fresh bytes."""
+    from gpt2tf.decode import lite
+
+    name = f"decode-{precision}-{cache_key(prefix, source.hparams, precision)}.tflite"
+    folders = [Path(prefix).parent / paths.DECODE_CACHE, user_cache_dir(source)]
+    for folder in folders:
+        if (folder / name).is_file():
+            return folder / name
+    log.info("preparing the fast decode path for %s (%s, once per checkpoint)", source.name,
+             precision)
+    start = time.perf_counter()
+    data = lite.build(checkpoints.read_weights(prefix), source.hparams, precision=precision)
+    log.debug("converted in %.1f s", time.perf_counter() - start)
+    for folder in folders:
+        try:
+            with fileio.atomic_open(folder / name, "wb") as f:
+                f.write(data)
+        except OSError:
+            continue  # read-only or full: try the next place
+        _remove_stale(folder, precision, keep=name)
+        return folder / name
+    return data
+
+
+def _remove_stale(folder: Path, precision: str, keep: str) -> None:
+    for old in folder.glob(f"decode-{precision}-*.tflite"):
+        if old.name != keep:
+            old.unlink(missing_ok=True)
+
+
+class LiteBackend:
+    """The engine's backend over a LiteStep: rows at their own positions, prompts prefilled."""
+
+    def __init__(self, step, hparams: HParams):
+        self.lite = step
+        self.hparams = hparams
+        self.positions = np.zeros([0], np.int32)  # [B] the slot each row's next token goes to
+
+    def start(self, contexts: list[list[int]]) -> np.ndarray:
+        self.lite.start(len(contexts))
+        logits = np.empty([len(contexts), self.hparams.n_vocab], np.float32)  # [B, V]
+        first: dict[tuple, int] = {}  # rows that share a prompt share its prefill
+        for row, context in enumerate(contexts):
+            key = tuple(context)
+            if key in first:
+                self.lite.copy_row(first[key], row, len(context))
+                logits[row] = logits[first[key]]
+            else:
+                logits[row] = self.lite.prefill(row, context)
+                first[key] = row
+        self.positions = np.array([len(c) for c in contexts], np.int32)
+        return logits
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        logits = self.lite.step(np.asarray(tokens, np.int32), self.positions)
+        self.positions = self.positions + 1
+        return logits
+
+
+def open_backend(source: ModelSource, prefix: str, precision: str, *,
+                 threads: int | None = None) -> LiteBackend | None:
+    """The fast backend, or None (after a one-line note) where it cannot run here."""
+    try:
+        from gpt2tf.decode import lite
+
+        model = prepared_model(source, prefix, precision)
+        step = lite.LiteStep(model, source.hparams, threads=threads or os.cpu_count() or 1)
+    except (ImportError, RuntimeError, ValueError, OSError) as e:
+        log.warning("the fast decode path cannot run here (%s: %s): generating with the TF"
+                    " graph%s", type(e).__name__, str(e).splitlines()[0] if str(e) else "",
+                    " in fp32" if precision != "fp32" else "")
+        return None
+    return LiteBackend(step, source.hparams)
