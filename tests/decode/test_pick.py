@@ -99,3 +99,9 @@ def test_ties_go_to_the_lower_id_and_batch_rows_are_independent(run_sampler):
     logits = np.zeros([2, 6], np.float32)
     np.testing.assert_array_equal(run_sampler(logits, [0.0, 0.0], k=[3, 3]), [0, 0])
     np.testing.assert_array_equal(run_sampler(logits, [0.99, 0.5], k=[3, 3]), [2, 1])
+
+
+def test_a_vanishing_temperature_is_greedy(run_sampler):
+    logits = np.array([[0.1, 2.0, 1.9, -3.0]] * 3, np.float32)
+    got = run_sampler(logits, [0.999] * 3, temp=[1e-30, 1e-45, 1e-300], k=[0, 2, 0])
+    np.testing.assert_array_equal(got, [1, 1, 1])

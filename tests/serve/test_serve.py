@@ -275,6 +275,12 @@ def test_non_streaming_client_that_disconnects_stops_its_generation(url):
     (b'{"prompt": "a", "logprobs": 3}', 400, "logprobs", "unsupported_parameter"),
     (b'{"prompt": "a", "bogus": 1}', 400, "bogus", "unknown_parameter"),
     (b'{"prompt": "a", "model": "gpt-4"}', 404, "model", "model_not_found"),
+    # once 500s: a huge integer, an unencodable key echoed back, JSON nested 5,000 deep
+    (b'{"prompt": "a", "temperature": 1' + b"0" * 400 + b"}", 400, "temperature", None),
+    (b'{"prompt": "a", "\\ud800x": 1}', 400, "\\ud800x", "unknown_parameter"),
+    (b"[" * 5000 + b"]" * 5000, 400, None, "invalid_json"),
+    # once overflowed int32 inside the decode step, failing every request batched with it
+    (b'{"prompt": "a", "top_k": 2147483648}', 400, "top_k", "invalid_value"),
 ], ids=lambda v: v.decode()[:40] if isinstance(v, bytes) else None)
 def test_bad_requests_get_openai_style_errors(url, body, status, param, code):
     r = requests.post(f"{url}/v1/completions", data=body,

@@ -25,7 +25,11 @@ def pick(logits: np.ndarray, params: Sequence, uniform: np.ndarray) -> np.ndarra
 
 
 def _pick_row(logits: np.ndarray, p, u: float) -> int:
-    scaled = logits / p.temperature  # [V]
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = logits / p.temperature  # [V]
+    if np.isnan(scaled).any() or np.isposinf(scaled).any():  # a temperature so small that
+        # logits overflow: the limit is greedy (-inf stays a token that is never picked)
+        return int(np.argmax(logits))
     if not p.filtered:
         return _inverse_cdf(_softmax(scaled), u)
     k = p.top_k if 0 < p.top_k < scaled.size else scaled.size

@@ -167,7 +167,7 @@ class Service:
         raw = await _read_body(request, self.limits.max_body_bytes)
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep: not a request
             raise ApiError(400, "We could not parse the JSON body of your request: send a JSON"
                            " object with Content-Type: application/json",
                            code="invalid_json") from None

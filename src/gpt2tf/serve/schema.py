@@ -46,6 +46,13 @@ class ApiError(Exception):
 
 
 
+def _show(value, limit: int = 80) -> str:
+    """A value as an error message may quote it: short, and printable whatever it holds."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -55,10 +62,14 @@ def _number(body: dict, name: str, default: float) -> float:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ApiError(400, f"{name} must be a number, got {value!r}", param=name,
+        raise ApiError(400, f"{name} must be a number, got {_show(value)}", param=name,
                        code="invalid_type")
+    try:
+        value = float(value)  # an integer with hundreds of digits overflows here
+    except OverflowError:
+        value = math.inf
     if not math.isfinite(value):
-        raise ApiError(400, f"{name} must be a finite number, got {value!r}", param=name)
+        raise ApiError(400, f"{name} must be a finite number, got {_show(value)}", param=name)
     return float(value)
 
 
@@ -68,7 +79,7 @@ def _integer(body: dict, name: str, default: int, *, minimum: int,
     if value is None:
         return default
     if not _is_int(value):
-        raise ApiError(400, f"{name} must be an integer, got {value!r}", param=name,
+        raise ApiError(400, f"{name} must be an integer, got {_show(value)}", param=name,
                        code="invalid_type")
     if value < minimum or (maximum is not None and value > maximum):
         allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
@@ -82,7 +93,7 @@ def _boolean(body: dict, name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise ApiError(400, f"{name} must be true or false, got {value!r}", param=name,
+        raise ApiError(400, f"{name} must be true or false, got {_show(value)}", param=name,
                        code="invalid_type")
     return value
 
@@ -168,8 +179,9 @@ def parse_request(body, gen, limits: Limits, model_id: str) -> CompletionRequest
         raise ApiError(400, "the request body must be a JSON object")
     unknown = sorted(body.keys() - _KNOWN_FIELDS)
     if unknown:
-        raise ApiError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}",
-                       param=unknown[0], code="unknown_parameter")
+        names = [_show(n) for n in unknown]  # echoed back: any text must encode as JSON
+        raise ApiError(400, f"Unrecognized request argument supplied: {', '.join(names)}",
+                       param=names[0], code="unknown_parameter")
     for name, allowed in _UNSUPPORTED_AT_DEFAULT.items():
         if name in body and body[name] not in allowed:
             raise ApiError(400, f"{name} is not supported by this server; leave it out",
