@@ -77,7 +77,7 @@ def read_weights(prefix: str) -> dict[str, np.ndarray]:
             for name in reader.get_variable_to_shape_map()
             if name.startswith("model/") and "/Adam" not in name and "/Momentum" not in name
         }
-    except tf.errors.OpError as e:
+    except (tf.errors.OpError, IndexError) as e:  # a data file cut short: IndexError
         raise UserError(
             f"cannot read {prefix}: {str(e).splitlines()[0]}; the files are corrupt"
         ) from None

@@ -6,6 +6,7 @@ and the Python API call `import_tensorflow()` before anything imports TensorFlow
 GPT2TF_TF_LOGS=1 to see the lines.
 """
 
+import contextlib
 import os
 import sys
 
@@ -13,18 +14,29 @@ LOGS_ENV = "GPT2TF_TF_LOGS"
 
 
 def import_tensorflow() -> None:
-    """Import TensorFlow once, with fd 2 pointed at /dev/null meanwhile."""
+    """Import TensorFlow once, with its native log lines hidden."""
     if "tensorflow" in sys.modules or os.environ.get(LOGS_ENV):
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with native_stderr_hidden():
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")
+
+
+@contextlib.contextmanager
+def native_stderr_hidden():
+    """Point fd 2 at /dev/null meanwhile (C++ writes there directly: TF's start-up lines,
+    TFLite's "Created TensorFlow Lite XNNPACK delegate for CPU."), unless GPT2TF_TF_LOGS is set."""
+    if os.environ.get(LOGS_ENV):
+        yield
+        return
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow as tf
-
-        tf.get_logger().setLevel("ERROR")
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -5,14 +5,16 @@ Every logit the lite model returns is checked against gpt2tf.model's full forwar
 (cache=None) over the same tokens, at the same position.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
+from tiny import tiny
 
 from gpt2tf import checkpoints, model
 from gpt2tf.decode import lite
 from gpt2tf.errors import UserError
-from tiny import tiny
 
 HP = tiny(n_ctx=320)  # room for a 300-token decode; cache lengths 128, 256, 320
 EXACT = 1e-4  # max |logit difference| allowed for fp32
@@ -146,8 +148,10 @@ def test_int8_stays_close_to_fp32(fp32_model, int8_model):
     for pos in range(len(prompt), len(seq)):
         got.append(quant.step(np.array([seq[pos]]), np.array([pos]))[0])
     got = np.stack(got)  # [65, V]
-    spread = want.max() - want.min()
-    assert np.abs(got - want).max() < 0.05 * spread, (np.abs(got - want).max(), spread)
+    # Measured: the largest difference is 0.7-1.3% of the logits' range (seeds 0-2); top-1
+    # agreed on 98-100% of the positions.
+    error, spread = np.abs(got - want).max(), want.max() - want.min()
+    assert EXACT < error < 0.05 * spread, (error, spread)  # quantized, and close
     agree = np.mean(got.argmax(-1) == want.argmax(-1))
     assert agree >= 0.8, agree
 
@@ -169,3 +173,14 @@ def test_bad_calls(fp32_model, weights):
         step.step(np.array([1, 1]), np.array([0, HP.n_ctx]))
     with pytest.raises(ValueError, match="shape"):
         step.step(np.array([1]), np.array([0]))
+
+
+def test_opens_a_path_quietly(fp32_model, reference, tmp_path):
+    path = tmp_path / "decode.tflite"
+    path.write_bytes(fp32_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tf.lite's deprecation warning is silenced at the source
+        step = lite.LiteStep(path, HP, threads=1)
+    np.testing.assert_allclose(step.prefill(0, [7, 8, 9]), reference([7, 8, 9])[-1], atol=EXACT)
+    with pytest.raises(ValueError, match="cannot load"):
+        lite.LiteStep(tmp_path / "missing.tflite", HP)

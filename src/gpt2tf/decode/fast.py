@@ -4,7 +4,7 @@ The converted model (gpt2tf.decode.lite: the decode step for TFLite/XNNPACK) is 
 the checkpoint automatically and written atomically into `.gpt2tf-decode/` beside it. Its
 name carries a key over everything it depends on: the checkpoint's .index file (which holds a
 CRC of every tensor, so any change of the weights changes it), hparams, the precision, the
-converter's format version and TensorFlow's version. A new training step saved, or a file
+converter's format version and TensorFlow's version (and the data files' sizes and times). A new training step saved, or a file
 replaced, gives a new key and a fresh conversion; older conversions of the same precision are
 then removed. A model folder that cannot be written falls back to the user's cache
 ($GPT2TF_CACHE_DIR, else $XDG_CACHE_HOME/gpt2tf, else ~/.cache/gpt2tf), and where nothing can
@@ -26,6 +26,10 @@ from gpt2tf.source import ModelSource
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8")  # what the fast path stores; bf16 runs on the TF graph
+# TF's converter holds the weights many times over while it works (measured on 124M: a 0.5 GB
+# checkpoint peaked at 9.5 GB). A conversion that would not fit is not started: the process
+# would be killed, not given an error.
+CONVERT_MEMORY_FACTOR = 20
 
 
 def cache_key(prefix: str, hparams: HParams, precision: str) -> str:
@@ -38,6 +42,9 @@ def cache_key(prefix: str, hparams: HParams, precision: str) -> str:
                  hparams.to_json(), os.path.basename(prefix)):
         h.update(part.encode() + b"\0")
     h.update(Path(prefix + ".index").read_bytes())
+    for data in sorted(Path(prefix).parent.glob(Path(prefix).name + ".data-*")):
+        st = data.stat()  # a data file replaced or cut short behind an unchanged index
+        h.update(f"{data.name} {st.st_size} {st.st_mtime_ns}".encode() + b"\0")
     return h.hexdigest()[:20]
 
 
@@ -57,6 +64,11 @@ def prepared_model(source: ModelSource, prefix: str, precision: str) -> Path | b
     for folder in folders:
         if (folder / name).is_file():
             return folder / name
+    need = CONVERT_MEMORY_FACTOR * _checkpoint_bytes(prefix)
+    have = _available_memory()
+    if have is not None and need > have:
+        raise MemoryError(f"converting needs about {need / 2**30:.0f} GiB of memory and"
+                          f" {have / 2**30:.0f} GiB is available")
     log.info("preparing the fast decode path for %s (%s, once per checkpoint)", source.name,
              precision)
     start = time.perf_counter()
@@ -71,6 +83,23 @@ def prepared_model(source: ModelSource, prefix: str, precision: str) -> Path | b
         _remove_stale(folder, precision, keep=name)
         return folder / name
     return data
+
+
+def _checkpoint_bytes(prefix: str) -> int:
+    folder = Path(prefix).parent
+    return sum(p.stat().st_size for p in folder.glob(Path(prefix).name + ".data-*"))
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _remove_stale(folder: Path, precision: str, keep: str) -> None:
@@ -116,7 +145,7 @@ def open_backend(source: ModelSource, prefix: str, precision: str, *,
 
         model = prepared_model(source, prefix, precision)
         step = lite.LiteStep(model, source.hparams, threads=threads or os.cpu_count() or 1)
-    except (ImportError, RuntimeError, ValueError, OSError) as e:
+    except (ImportError, RuntimeError, ValueError, OSError, MemoryError) as e:
         log.warning("the fast decode path cannot run here (%s: %s): generating with the TF"
                     " graph%s", type(e).__name__, str(e).splitlines()[0] if str(e) else "",
                     " in fp32" if precision != "fp32" else "")

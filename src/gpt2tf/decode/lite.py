@@ -3,36 +3,44 @@
 `build` converts a checkpoint's weights into one .tflite file with signatures that share them
 (layout version FORMAT_VERSION; B rows, S cache slots, L layers, H heads, D = head_dim):
 
-  step         tokens [B] int32, positions [B] int32, k_0, v_0, ..., k_{L-1}, v_{L-1} [B, H, S, D]
+  step         tokens [B] int32, positions [B] int32, bias [B, S] float32,
+               k_0, v_0, ..., k_{L-1}, v_{L-1} [B, H, S, D] float32
                -> logits [B, V], new_k [L, B, H, D], new_v [L, B, H, D]; B and S are dynamic
   prefill_<T>  tokens [T] int32 (right-padded), length [1] int32
                -> logits [1, V] of token length-1, k [L, H, T, D], v [L, H, T, D]
 
-The cache is only read inside the model: row b attends to slots 0..positions[b]-1 plus its own
-new key/value, so every row sits at its own position (rows may join and leave). `LiteStep`
-keeps the cache in the step signature's input buffers and writes each new key/value into them
-through numpy views after the step: the cache is never copied per token, neither by TFLite
-(no concat or scatter in the model) nor by the host.
+The cache is only read inside the model: row b attends to the slots its `bias` row keeps (0;
+MASK_VALUE drops one) plus its own new key/value, so every row sits at its own position (rows
+may join and leave). `LiteStep` keeps the cache in the step signature's input buffers and
+writes each new key/value into them through numpy views after the step: the cache is never
+copied per token, neither by TFLite (no concat or scatter in the model) nor by the host.
+
+The mask is an input, not computed from `positions` in the model: a range over the dynamic
+cache length would be a dynamic tensor in TFLite, and XNNPACK does not take any op downstream
+of one (measured: batch 8 ran 2x slower, nearly at the speed of TFLite's own kernels).
 
 The math is GPT-2's in float32 (tanh GELU, layer norm eps 1e-5, LM head tied to wte), as in
 gpt2tf.model; "int8" quantizes the weights of every matmul (dynamic range, per channel).
 """
 
+import functools
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from gpt2tf import model
+from gpt2tf.quiet import native_stderr_hidden
 from gpt2tf.errors import UserError
 from gpt2tf.hparams import HParams
 
 LITE_PRECISIONS = ("fp32", "int8")  # int8: dynamic-range, per-channel weights
-FORMAT_VERSION = 1  # bump when the converted model's layout changes (it keys an on-disk cache)
+FORMAT_VERSION = 2  # bump when the converted model's layout changes (it keys an on-disk cache)
+# 2: the step takes its attention mask as the input `bias` (1 computed it from positions)
 
 STEP = "step"
 # tf.lite.Interpreter warns on every construction that it moves to the ai_edge_litert package
@@ -133,14 +141,6 @@ def split_heads_one(x: tf.Tensor, hparams: HParams) -> tf.Tensor:
     return tf.reshape(x, [-1, hparams.n_head, 1, hparams.head_dim])
 
 
-def step_bias(positions: tf.Tensor, cache_len: tf.Tensor) -> tf.Tensor:
-    """[B, 1, 1, S] additive mask: row b sees cache slots 0..positions[b]-1 (stale ones never)."""
-    slots = tf.range(cache_len)[None, :]  # [1, S]
-    bias = tf.where(slots < positions[:, None], 0.0, model.MASK_VALUE)  # [B, S]
-    # expand_dims, not [:, None, None]: TFLite's strided slice cannot add axes to dynamic shapes
-    return tf.expand_dims(tf.expand_dims(bias, 1), 1)
-
-
 def step_attn(x, p, scope, *, cache_k, cache_v, bias, hparams: HParams):
     """One new position per row over its cache and itself. x: [B, C]; cache_*: [B, H, S, D].
 
@@ -188,21 +188,22 @@ def step_function(p: dict, hparams: HParams) -> tf.types.experimental.ConcreteFu
     """The "step" signature: one token per row at the row's own position."""
     hp = hparams
     cache_spec = [None, hp.n_head, None, hp.head_dim]  # [B, H, S, D]: B and S dynamic
-    specs = [tf.TensorSpec([None], tf.int32, "tokens"), tf.TensorSpec([None], tf.int32, "positions")]
+    specs = [
+        tf.TensorSpec([None], tf.int32, "tokens"),
+        tf.TensorSpec([None], tf.int32, "positions"),
+        tf.TensorSpec([None, None], tf.float32, "bias"),  # [B, S]
+    ]
     for layer in range(hp.n_layer):
         specs += [tf.TensorSpec(cache_spec, tf.float32, _cache_name(kind, layer)) for kind in "kv"]
 
-    def step(tokens, positions, *cache):
+    def step(tokens, positions, bias, *cache):
         h = tf.gather(p["model/wte"], tokens) + tf.gather(p["model/wpe"], positions)  # [B, C]
-        bias = step_bias(positions, tf.shape(cache[0])[2])  # [B, 1, 1, S]
+        # expand_dims, not [:, None, None]: TFLite's strided slice adds no axes to dynamic shapes
+        bias = tf.expand_dims(tf.expand_dims(bias, 1), 1)  # [B, 1, 1, S]
         new_k, new_v = [], []
         for layer in range(hp.n_layer):
-            cache_k, cache_v = cache[2 * layer], cache[2 * layer + 1]
-
-            def attend(x, p, scope):
-                return step_attn(x, p, scope, cache_k=cache_k, cache_v=cache_v, bias=bias,
-                                 hparams=hp)
-
+            attend = functools.partial(step_attn, cache_k=cache[2 * layer],
+                                       cache_v=cache[2 * layer + 1], bias=bias, hparams=hp)
             h, k, v = block(h, p, layer, attend)
             new_k.append(tf.reshape(k, [-1, hp.n_head, hp.head_dim]))  # [B, H, D]
             new_v.append(tf.reshape(v, [-1, hp.n_head, hp.head_dim]))
@@ -224,12 +225,9 @@ def prefill_function(p: dict, hparams: HParams, t: int) -> tf.types.experimental
 
     def prefill(tokens, length):
         h = tf.gather(p["model/wte"], tokens) + p["model/wpe"][:t]  # [T, C]
+        attend = functools.partial(prefill_attn, bias=causal, hparams=hp)
         ks, vs = [], []
         for layer in range(hp.n_layer):
-
-            def attend(x, p, scope):
-                return prefill_attn(x, p, scope, bias=causal, hparams=hp)
-
             h, k, v = block(h, p, layer, attend)
             ks.append(k)
             vs.append(v)
@@ -246,8 +244,8 @@ def build(weights: dict[str, np.ndarray], hparams: HParams, *, precision: str) -
     """The .tflite flatbuffer: signature "step" and one "prefill_<T>" per bucket, sharing weights.
 
     The batch dimension and the cache length of "step" are dynamic (-1), so that one file serves
-    every batch size; LiteStep resizes them. Takes about a minute and several GB of memory for
-    124M: convert once and keep the file.
+    every batch size; LiteStep resizes them. For 124M this takes 1.5 (fp32) to 3 (int8) minutes
+    on 2 cores and about 9 GB of memory at its peak: convert once and keep the file.
     """
     if precision not in LITE_PRECISIONS:
         raise UserError(f"precision must be one of {LITE_PRECISIONS}, got {precision!r}")
@@ -293,8 +291,13 @@ class LiteStep:
 
     It starts with 1 row at the smallest cache length. Not thread-safe: one caller at a time.
     Each re-plan (start() with a new row count, or the cache growing to the next length)
-    reallocates the step's buffers and lets XNNPACK prepare for the new shapes: a fraction of
-    a second for 124M, paid once per change, not per token.
+    reallocates the step's buffers, lets XNNPACK prepare for the new shapes and zeroes the
+    cache: for 124M at 8 rows, 50 ms at 128 slots and 0.5-1 s on growing to 512 or 1024; paid
+    once per change, not per token.
+
+    Memory: XNNPACK packs its own copy of the weights for every signature (1 + the prefill
+    buckets: 5 for n_ctx=1024), so 124M takes about 2.9 GB in fp32 and 0.9 GB in int8, plus the
+    cache (rows x 2 x n_layer x cache_len x n_embd floats: 600 MB at 8 rows of 1024).
     """
 
     def __init__(self, model: bytes | str | os.PathLike, hparams: HParams, *, threads: int = 2):
@@ -308,7 +311,8 @@ class LiteStep:
         self._buckets = prefill_buckets(hparams.n_ctx)
         # Once without a subgraph index: that is the call which applies the default delegate
         # (XNNPACK) to every subgraph. Each subgraph is then allocated on its own.
-        self._wrapper.AllocateTensors()
+        with native_stderr_hidden():  # XNNPACK announces itself on fd 2
+            self._wrapper.AllocateTensors()
         self._allocated = set()
         self._rows, self._cache_len = 0, 0
         self._replan(1, self._lengths[0], keep=False)
@@ -338,7 +342,7 @@ class LiteStep:
         problem = None
         if set(self._sigs) != expected:
             problem = f"signatures {sorted(self._sigs)}, expected {sorted(expected)}"
-        elif step.inputs.keys() != {"tokens", "positions"} | {
+        elif step.inputs.keys() != {"tokens", "positions", "bias"} | {
                 _cache_name(kind, layer) for layer in range(hp.n_layer) for kind in "kv"}:
             problem = f"step inputs {sorted(step.inputs)} (n_layer={hp.n_layer} expected)"
         else:
@@ -376,24 +380,25 @@ class LiteStep:
     def _replan(self, rows: int, cache_len: int, *, keep: bool) -> None:
         """Give "step" buffers for `rows` rows of `cache_len` slots. With `keep`, the kept rows'
         kept slots are carried over; every other slot starts at zero."""
-        keep_rows, keep_len = (min(rows, self._rows), min(cache_len, self._cache_len)) if keep \
-            else (0, 0)
+        keep_rows = min(rows, self._rows) if keep else 0
+        keep_len = min(cache_len, self._cache_len)
         # Reallocation moves every buffer: copy the kept part out first.
-        kept = [self._view(STEP, n)[:keep_rows, :, :keep_len].copy() for n in self._names()] \
-            if keep_rows and keep_len else None
+        kept = {name: self._view(STEP, name)[:keep_rows, :, :keep_len].copy()
+                for name in self._names() if keep_rows}
         sig, hp = self._sigs[STEP], self.hparams
         for name in ("tokens", "positions"):
             self._resize(sig, name, [rows])
+        self._resize(sig, "bias", [rows, cache_len])
         for name in self._names():
             self._resize(sig, name, [rows, hp.n_head, cache_len, hp.head_dim])
         self._wrapper.AllocateTensors(sig.subgraph)
         self._rows, self._cache_len = rows, cache_len
-        for i, name in enumerate(self._names()):
+        for name in self._names():
             # Fresh buffers hold whatever was in memory. A NaN there would get through the
             # mask (NaN + MASK_VALUE is NaN), zeros never do.
             self._view(STEP, name).fill(0.0)
-            if kept is not None:
-                self._view(STEP, name)[:keep_rows, :, :keep_len] = kept[i]
+            if name in kept:
+                self._view(STEP, name)[:keep_rows, :, :keep_len] = kept[name]
 
     def _resize(self, sig: Signature, name: str, shape: list[int]) -> None:
         self._wrapper.ResizeInputTensor(sig.inputs[name], np.array(shape, np.int32), False,
@@ -438,7 +443,8 @@ class LiteStep:
         t = min(b for b in self._buckets if b >= n)
         key = _prefill_key(t)
         if key not in self._allocated:
-            # Allocated on first use: a bucket never used costs no arena.
+            # On first use, so an unused bucket's activations take no memory (the weights
+            # XNNPACK packed for it at start-up are there anyway)
             self._wrapper.AllocateTensors(self._sigs[key].subgraph)
             self._allocated.add(key)
         self._fit(n)
@@ -459,7 +465,8 @@ class LiteStep:
         self._check_row(src)
         self._check_row(dst)
         if not 0 <= length <= self._cache_len:
-            raise ValueError(f"length must be 0..{self._cache_len} (the cache length), got {length}")
+            raise ValueError(f"length must be 0..{self._cache_len} (the cache length), got"
+                             f" {length}")
         if src == dst:
             return
         for name in self._names():
@@ -486,6 +493,9 @@ class LiteStep:
         self._fit(int(positions.max()) + 1)
         self._view(STEP, "tokens")[:] = tokens
         self._view(STEP, "positions")[:] = positions
+        # row b sees slots 0..positions[b]-1: whatever later slots hold is stale
+        self._view(STEP, "bias")[:] = np.where(
+            np.arange(self._cache_len)[None, :] < positions[:, None], 0.0, model.MASK_VALUE)
         self._invoke(STEP)
         self._write_new(positions)
         return self._output(STEP, "logits")
@@ -501,7 +511,8 @@ class LiteStep:
 
     def _check_row(self, row: int) -> None:
         if not 0 <= row < self._rows:
-            raise ValueError(f"row must be 0..{self._rows - 1} (start() made {self._rows}), got {row}")
+            raise ValueError(f"row must be 0..{self._rows - 1} (start() made {self._rows}),"
+                             f" got {row}")
 
     def _token_ids(self, tokens, what: str) -> np.ndarray:
         ids = np.asarray(tokens)
