@@ -422,6 +422,14 @@ class LiteStep:
         if rows != self._rows:
             self._replan(int(rows), self._lengths[0], keep=False)
 
+    def resize(self, rows: int) -> None:
+        """Change the row count keeping rows 0..min(old, new)-1 as they are (the server's rows
+        come and go between steps; a row's numbers never depend on how many rows share a step)."""
+        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
+            raise ValueError(f"rows must be a positive integer, got {rows!r}")
+        if rows != self._rows:
+            self._replan(int(rows), self._cache_len, keep=True)
+
     @property
     def rows(self) -> int:
         return self._rows

@@ -1,7 +1,7 @@
 """The HTTP application: a browser page at / and OpenAI's completions API.
 
 Starlette routes the requests; the `Batcher` runs the model. Endpoints: POST /v1/completions
-(JSON or server-sent events), GET /v1/models, GET /health, GET /stats, and the page.
+(JSON or server-sent events), GET /v1/models, GET /health, GET /stats, GET /metrics (Prometheus), and the page.
 """
 
 import asyncio
@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from gpt2tf.decode.engine import sample_seed
-from gpt2tf.serve.batcher import Batcher, QueueFull, _Job, _Row
+from gpt2tf.serve.batcher import Batcher, ContinuousBatcher, QueueFull, _Job, _Row
+from gpt2tf.serve.metrics import CONTENT_TYPE, Metrics
 from gpt2tf.serve.schema import ApiError, CompletionRequest, Limits, parse_request
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,12 @@ class Service:
         self.model_id = model_id
         self.limits = limits
         self.created = int(time.time())
-        self.batcher = Batcher(gen, max_batch=limits.max_batch, queue_size=limits.queue_size,
-                               batch_invariant=batch_invariant)
+        # The fast path decodes rows at their own positions: iteration-level batching. The TF
+        # graph (bf16, or the fallback) decodes a batch in lockstep: static batches.
+        scheduler = ContinuousBatcher if getattr(gen, "engine_name", "") == "fast" else Batcher
+        self.batcher = scheduler(gen, max_batch=limits.max_batch, queue_size=limits.queue_size,
+                                 batch_invariant=batch_invariant)
+        self.metrics = Metrics(self.batcher)
         self.requests = 0
 
     # -- endpoints --
@@ -127,6 +132,11 @@ class Service:
         from starlette.responses import JSONResponse
 
         return JSONResponse({"status": "ok"})
+
+    async def prometheus(self, request):
+        from starlette.responses import Response
+
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     async def stats(self, request):
         from starlette.responses import JSONResponse
@@ -220,15 +230,21 @@ class Service:
 
     async def _events(self, job: _Job) -> AsyncIterator[tuple[int, str, str | None]]:
         """Yield (index, text, finish_reason) until every row has finished."""
-        left = len(job.rows)
+        left, first = len(job.rows), True
         while left:
             index, piece, finish = await job.events.get()
             if finish == "error":
+                self.metrics.requests.labels("interrupted").inc()
                 raise ApiError(503, "generation was interrupted (the server is stopping or"
                                " failed); retry", type="server_error", code="interrupted")
+            if first:
+                self.metrics.time_to_first_token.observe(time.monotonic() - job.started)
+                first = False
             if finish is not None:
                 left -= 1
             yield index, piece, finish
+        self.metrics.latency.observe(time.monotonic() - job.started)
+        self.metrics.requests.labels("completed").inc()
 
     async def _collect(self, job: _Job, req: CompletionRequest, receive):
         """All rows' texts, or (None, ...) if the client disconnected first (rows cancelled)."""
@@ -313,6 +329,7 @@ class Service:
             Route("/", self.page),
             Route("/health", self.health),
             Route("/stats", self.stats),
+            Route("/metrics", self.prometheus),
             Route("/v1/models", self.models),
             Route("/v1/models/{model:path}", self.model),
             Route("/v1/completions", self.completions, methods=["POST"]),

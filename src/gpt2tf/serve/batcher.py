@@ -19,7 +19,11 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 
+import numpy as np
+
+from gpt2tf.decode.pick import pick
 from gpt2tf.decode.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,7 @@ class _Job:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
+        self.started = time.monotonic()
         self.rows: list[_Row] = []
         self.events: asyncio.Queue = asyncio.Queue()
 
@@ -141,29 +146,9 @@ class Batcher:
                     return self._take_compatible()
                 self._cond.wait()
 
-    def _sampler_kind(self, params) -> tuple:
-        """What a batch's sampling op depends on, besides each row's own settings.
-
-        Generator.stream samples a whole batch with one op: the full-vocabulary sampler, or the
-        sorted top-k/top-p one as soon as one row filters, over the batch's widest top-k (all
-        of the vocabulary when a row uses top-p alone). The two samplers pick different tokens
-        for the same random number, and a wider top-k changes the rounding of the rest.
-        """
-        if not params.filtered:
-            return ("plain",)
-        n_vocab = self.gen.hparams.n_vocab
-        return ("filtered", min(params.top_k, n_vocab) if params.top_k else n_vocab)
-
     def _take_compatible(self) -> list[_Row]:
-        """The oldest row and the next waiting rows that sample alike, up to max_batch."""
-        kind = self._sampler_kind(self._pending[0].params)
-        batch, rest = [], collections.deque()
-        for row in self._pending:
-            if len(batch) < self.max_batch and self._sampler_kind(row.params) == kind:
-                batch.append(row)
-            else:
-                rest.append(row)
-        self._pending = rest
+        """The oldest waiting rows, up to max_batch (sampling is per row: any rows mix)."""
+        batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
         return batch
 
     def _loop(self) -> None:
@@ -226,3 +211,137 @@ class Batcher:
                 job.loop.call_soon_threadsafe(job.push, items)
             except RuntimeError:  # its event loop has closed: nobody is waiting any more
                 pass
+
+
+def _tile(rows: int, max_batch: int) -> int:
+    """Rows the step is planned for: a power of two, so the plan changes rarely."""
+    return min(max_batch, 1 << max(0, rows - 1).bit_length())
+
+
+class _Slot:
+    """A running row's decode state. `tokens`: its window, all of it in the cache but the
+    newest token; `logits`: the prediction for its next token."""
+
+    def __init__(self, row: _Row, logits: np.ndarray, tokens: list[int]):
+        self.row, self.logits, self.tokens = row, logits, tokens
+
+
+class ContinuousBatcher(Batcher):
+    """Iteration-level batching over the fast decode path: a request's rows join the running
+    batch at the next step when there is room and leave as soon as they finish.
+
+    Every running row sits at its own position in its own cache row (LiteStep keeps them
+    apart), a new prompt is prefilled into a free row between two steps, and a row's numbers
+    never depend on how many rows share a step (XNNPACK computes each row alike whatever the
+    row count; tests check it bit for bit), so a seeded request gives the same text alone or
+    under load with no padding. The step is planned for a power-of-two row count (re-planning
+    costs tens of milliseconds), shrinking when few rows remain.
+    """
+
+    batch_invariant = True
+
+    def __init__(self, gen, *, max_batch: int, queue_size: int, **_):
+        super().__init__(gen, max_batch=max_batch, queue_size=queue_size)
+        self.lite = gen.engine.backend.lite
+        self.n_ctx = gen.hparams.n_ctx
+        self.keep = self.n_ctx - self.n_ctx // 4  # the window slides as in DecodeEngine
+        self.slots: list[_Slot] = []
+
+    def _loop(self) -> None:
+        while self._wait_for_work():
+            try:
+                self._admit()
+                self._sample()
+                self._step()
+            except Exception:  # a bug or a runtime failure: fail the running rows, keep serving
+                log.exception("generation failed for %d running rows", len(self.slots))
+                self._deliver([(s.row.job, s.row.index, "", "error") for s in self.slots])
+                self.slots = []
+            self.active_rows = len(self.slots)
+        self._deliver([(s.row.job, s.row.index, "", "error") for s in self.slots])
+        self.slots = []
+
+    def _wait_for_work(self) -> bool:
+        with self._cond:
+            while not self._stopping:
+                self._drop_cancelled()
+                if self.slots or self._pending:
+                    return True
+                self._cond.wait()
+            return False
+
+    def _admit(self) -> None:
+        """Prefill waiting rows into free cache rows (between two steps of the running ones)."""
+        while len(self.slots) < self.max_batch:
+            with self._cond:
+                self._drop_cancelled()
+                if not self._pending:
+                    return
+                row = self._pending.popleft()
+            n = len(self.slots)
+            if self.lite.rows < n + 1:
+                self.lite.resize(_tile(n + 1, self.max_batch))
+            context = row.context[-(self.n_ctx - 1):]  # leave room for the first new token
+            logits = self.lite.prefill(n, context)  # [V]
+            self.slots.append(_Slot(row, logits, list(context)))
+
+    def _sample(self) -> None:
+        """Pick every running row's next token; deliver text; retire finished rows."""
+        events, kept = [], []
+        uniform = np.array([s.row.rng.random() for s in self.slots], np.float32)
+        for slot, u in zip(self.slots, uniform):
+            row = slot.row
+            if row.cancelled:
+                self.rows_cancelled += 1
+                continue
+            try:
+                token = int(pick(slot.logits[None], [row.params], np.array([u]))[0])
+            except Exception:  # this row's settings broke the sampler: it fails alone
+                log.exception("sampling failed for one row")
+                events.append((row.job, row.index, "", "error"))
+                continue
+            self.tokens_sampled += 1
+            slot.tokens.append(token)
+            piece, finish = row.add(token)
+            if piece or finish:
+                events.append((row.job, row.index, piece, finish))
+            if not row.done:
+                kept.append(slot)
+        self._deliver(events)
+        self._keep(kept)
+
+    def _keep(self, kept: list[_Slot]) -> None:
+        """Move the kept rows' caches to rows 0..len(kept)-1, then shrink the plan if few."""
+        for dst, slot in enumerate(kept):
+            src = self.slots.index(slot)
+            if src != dst:
+                self.lite.copy_row(src, dst, len(slot.tokens) - 1)
+        self.slots = kept
+        if kept and _tile(len(kept), self.max_batch) * 4 <= self.lite.rows:
+            self.lite.resize(_tile(len(kept), self.max_batch))
+
+    def _step(self) -> None:
+        """One decode step for every running row; a row whose window is full slides instead
+        (its kept tokens are prefilled again, as DecodeEngine does)."""
+        if not self.slots:
+            return
+        self.batches += 1
+        rows = self.lite.rows
+        tokens = np.zeros([rows], np.int32)  # [rows]; unused rows: token 0 at slot 0, unread
+        positions = np.zeros([rows], np.int32)
+        slid = set()
+        for i, slot in enumerate(self.slots):
+            if len(slot.tokens) - 1 >= self.n_ctx:  # the newest token has no slot left
+                slot.tokens = slot.tokens[-self.keep:]
+                slot.logits = self.lite.prefill(i, slot.tokens)
+                slid.add(i)
+                # The step below writes a throwaway at this row's next free slot, which its
+                # own next step overwrites before anything attends to it.
+                positions[i] = len(slot.tokens)
+            else:
+                tokens[i], positions[i] = slot.tokens[-1], len(slot.tokens) - 1
+        if len(slid) < len(self.slots):
+            logits = self.lite.step(tokens, positions)  # [rows, V]
+            for i, slot in enumerate(self.slots):
+                if i not in slid:
+                    slot.logits = logits[i]

@@ -1,0 +1,51 @@
+"""The server's /metrics in Prometheus' text format, with the well-kept prometheus_client.
+
+Each Service has its own registry (nothing global, so several servers in one process, or the
+tests, never share counters). Queue length, running rows and sampled tokens are read from the
+batcher when scraped; time to first token and request latency are histograms observed by the
+app as requests go.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _BatcherCounters:
+    """Counters the worker thread keeps as plain integers, exposed at scrape time."""
+
+    def __init__(self, batcher):
+        self.batcher = batcher
+
+    def collect(self):
+        b = self.batcher
+        yield CounterMetricFamily("gpt2tf_tokens_generated", "Tokens sampled for requests",
+                                  value=b.tokens_sampled)
+        yield CounterMetricFamily("gpt2tf_decode_steps", "Decode steps run", value=b.batches)
+        yield CounterMetricFamily("gpt2tf_rows_cancelled",
+                                  "Rows dropped because their client went away",
+                                  value=b.rows_cancelled)
+
+
+class Metrics:
+    def __init__(self, batcher):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        Gauge("gpt2tf_queued_rows", "Rows waiting for room in the batch",
+              registry=r).set_function(lambda: batcher.queued_rows)
+        Gauge("gpt2tf_running_rows", "Rows being decoded",
+              registry=r).set_function(lambda: batcher.active_rows)
+        r.register(_BatcherCounters(batcher))
+        self.requests = Counter("gpt2tf_requests", "Completion requests by outcome",
+                                ["outcome"], registry=r)
+        self.time_to_first_token = Histogram(
+            "gpt2tf_time_to_first_token_seconds", "From a request's arrival to its first token",
+            buckets=SECONDS, registry=r)
+        self.latency = Histogram("gpt2tf_request_seconds",
+                                 "From a request's arrival to its last token", buckets=SECONDS,
+                                 registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,122 @@
+"""Continuous batching: rows join and leave between steps, each text is its seed's alone, a
+short request does not wait for a long one, and /metrics tells what the server is doing."""
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from gpt2tf import checkpoints
+from gpt2tf.decode.engine import SamplingParams
+from gpt2tf.decode.generator import Generator
+from gpt2tf.serve import app as serve_app
+from gpt2tf.serve import schema as serve_schema
+from gpt2tf.serve import server as serve_server
+from gpt2tf.serve.batcher import ContinuousBatcher
+from tiny import tiny
+
+TINY = tiny(n_ctx=128, n_head=2)
+LIMITS = serve_schema.Limits(max_batch=8, max_tokens_limit=5000, max_prompt_tokens=120)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model = checkpoints.init_model_dir(tmp_path_factory.mktemp("models") / "tiny", TINY, seed=3)
+    with Generator(model) as gen:
+        service = serve_app.Service(gen, model_id="tiny", limits=LIMITS)
+        assert isinstance(service.batcher, ContinuousBatcher)
+        with serve_server.serve_in_thread(service.app()) as url:
+            yield url, gen
+
+
+def _complete(url, **body):
+    r = requests.post(f"{url}/v1/completions", json={"prompt": "Hello", **body}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def test_sixteen_staggered_requests_each_equal_their_text_alone(served):
+    url, _ = served
+    bodies = [{"prompt": "Tale " + "x" * (i % 7), "max_tokens": 5 + 7 * (i % 6), "seed": i,
+               "temperature": 0.7 + 0.1 * (i % 3), "top_k": (0, 20, 5)[i % 3],
+               "top_p": (1.0, 0.9)[i % 2], "ignore_eos": True} for i in range(16)]
+    alone = [_complete(url, **b)["text"] for b in bodies]
+    delays = random.Random(0).sample([0.01 * i for i in range(16)], 16)
+
+    def call(i):
+        time.sleep(delays[i])  # arrivals spread over the others' decoding
+        return _complete(url, **bodies[i])["text"]
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(call, range(16)))
+    assert together == alone
+
+
+def test_server_text_equals_the_engines_past_the_window(served):
+    """The server samples as the CLI does: same seed, same text, also where the window slides."""
+    url, gen = served
+    text = _complete(url, prompt="Once", max_tokens=300, seed=11, temperature=0.9,
+                     ignore_eos=True)["text"]  # 300 > n_ctx: slides twice
+    tokens = gen.generate_tokens(gen.encode_prompt("Once"), length=300, seed=11,
+                                 params=SamplingParams(temperature=0.9), stop_at_eot=False)[0]
+    assert text == gen.encoder.decode(tokens)
+
+
+def test_a_short_request_does_not_wait_for_a_long_one(served):
+    url, _ = served
+    long_done = {}
+
+    def long_request():
+        _complete(url, max_tokens=5000, seed=1, ignore_eos=True)
+        long_done["at"] = time.monotonic()
+
+    started = time.monotonic()
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(0.3)  # the long one is decoding
+    sent = time.monotonic()
+    _complete(url, max_tokens=8, seed=2, ignore_eos=True)
+    short_latency = time.monotonic() - sent
+    assert "at" not in long_done  # it finished while the long one still runs
+    thread.join(300)
+    assert short_latency < (long_done["at"] - started) / 4
+
+
+def test_metrics_parse_and_move(served):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url, _ = served
+
+    def scrape():
+        r = requests.get(f"{url}/metrics", timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        return {s.name: s.value for family in text_string_to_metric_families(r.text)
+                for s in family.samples}
+
+    before = scrape()
+    _complete(url, max_tokens=6, seed=3, ignore_eos=True)
+    after = scrape()
+    assert after["gpt2tf_tokens_generated_total"] >= before["gpt2tf_tokens_generated_total"] + 6
+    assert after["gpt2tf_requests_total"] >= before.get("gpt2tf_requests_total", 0) + 1
+    assert after["gpt2tf_time_to_first_token_seconds_count"] >= \
+        before["gpt2tf_time_to_first_token_seconds_count"] + 1
+    assert after["gpt2tf_request_seconds_count"] >= before["gpt2tf_request_seconds_count"] + 1
+    assert after["gpt2tf_queued_rows"] == 0 and after["gpt2tf_running_rows"] == 0
+
+
+def test_a_row_numbers_do_not_depend_on_how_many_rows_share_the_step(served):
+    """Why no padding is needed: XNNPACK computes each row alike whatever the row count."""
+    _, gen = served
+    lite = gen.engine.backend.lite
+    outputs = []
+    for rows in (1, 3, 8):
+        lite.start(rows)
+        for r in range(rows):
+            lite.prefill(r, [5, 6, 7] if r == 0 else [r] * (r + 2))
+        positions = np.array([3] + [r + 2 for r in range(1, rows)], np.int32)
+        outputs.append(lite.step(np.full(rows, 9, np.int32), positions)[0])
+    assert all(np.array_equal(outputs[0], o) for o in outputs[1:])
