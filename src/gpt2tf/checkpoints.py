@@ -156,6 +156,14 @@ def init_model_dir(
     seed: int = 0,
 ) -> Path:
     """A new randomly initialised model directory; byte-level vocabulary without vocab_dir."""
+    from gpt2tf import memory
+
+    need = 3 * 4 * hparams.n_params  # float32 weights, their initial values and the saver's copy
+    have = memory.available_bytes()
+    if have is not None and need > have:
+        raise UserError(f"a model of {hparams} has {hparams.n_params:,} weights and needs about"
+                        f" {memory.gib(need)} to create; {memory.gib(have)} is available: choose"
+                        " smaller n_layer, n_embd, n_ctx or n_vocab")
     from gpt2tf import encoder
     from gpt2tf.source import read_vocab_files
 

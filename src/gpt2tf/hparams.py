@@ -33,6 +33,13 @@ class HParams:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def n_params(self) -> int:
+        """Weights of a model of this shape (wte, wpe, the blocks, the final norm)."""
+        c = self.n_embd
+        block = 12 * c * c + 13 * c  # c_attn, attn c_proj, c_fc, mlp c_proj, two norms
+        return (self.n_vocab + self.n_ctx) * c + self.n_layer * block + 2 * c
+
     @classmethod
     def from_dict(cls, raw: dict, source: str = "hparams") -> "HParams":
         if not isinstance(raw, dict):

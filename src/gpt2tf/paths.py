@@ -78,9 +78,11 @@ def check_run_name(run_name: str) -> str:
         or "\\" in run_name
         or ".." in run_name
         or "\0" in run_name
+        or len(run_name.encode("utf-8", "surrogatepass")) > 255  # one folder name, at most
     ):
         raise UserError(
-            f"bad run name {run_name!r}: use a plain folder name without '/', '\\' or '..'"
+            f"bad run name {run_name[:80]!r}: use a plain folder name (at most 255 bytes)"
+            " without '/', '\\' or '..'"
         )
     return run_name
 

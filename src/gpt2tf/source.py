@@ -97,7 +97,15 @@ class ModelSource:
         if state.is_file():
             import tensorflow as tf
 
-            prefix = tf.train.latest_checkpoint(str(self.path))
+            try:
+                prefix = tf.train.latest_checkpoint(str(self.path))
+            except (tf.errors.OpError, ValueError) as e:  # (a binary file: UnicodeDecodeError)
+                raise UserError(f"{state} cannot be read ({type(e).__name__}): re-download the"
+                                " model, or fix or remove that file") from None
+            if prefix is not None and Path(prefix).resolve().parent != self.path.resolve():
+                # A folder reads only its own checkpoints (`../victim/model-3` is not one).
+                raise UserError(f"{state} names {prefix}, outside {self.path}: a model or run"
+                                " folder may only name its own checkpoints; fix that file")
         if prefix is None and (self.path / (paths.CKPT_PREFIX + ".index")).is_file():
             prefix = str(self.path / paths.CKPT_PREFIX)  # a bare OpenAI layout, no `checkpoint`
         if prefix is None or not Path(prefix + ".index").is_file():

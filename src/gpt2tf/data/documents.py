@@ -104,6 +104,9 @@ def read_text_blocks(
                     f"{path}: byte 0x{byte} at offset {bad} is not valid {encoding} ({e.reason});"
                     f" pass the file's encoding, e.g. --encoding {hint}"
                 ) from None
+            except UnicodeError as e:  # e.g. utf-16 without a byte-order mark
+                raise UserError(f"{path} cannot be read as {encoding} ({e}); pass the file's"
+                                " encoding, e.g. --encoding utf-16-le") from None
             if progress is not None and data:
                 progress(len(data))
             offset += len(data)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2tf import checkpoints, fileio, paths
+from gpt2tf import checkpoints, fileio, memory, paths
 from gpt2tf.hparams import HParams
 from gpt2tf.source import ModelSource
 
@@ -65,10 +65,10 @@ def prepared_model(source: ModelSource, prefix: str, precision: str) -> Path | b
         if (folder / name).is_file():
             return folder / name
     need = CONVERT_MEMORY_FACTOR * _checkpoint_bytes(prefix)
-    have = _available_memory()
+    have = memory.available_bytes()
     if have is not None and need > have:
-        raise MemoryError(f"converting needs about {need / 2**30:.0f} GiB of memory and"
-                          f" {have / 2**30:.0f} GiB is available")
+        raise MemoryError(f"converting needs about {memory.gib(need)} of memory and"
+                          f" {memory.gib(have)} is available")
     log.info("preparing the fast decode path for %s (%s, once per checkpoint)", source.name,
              precision)
     start = time.perf_counter()
@@ -88,18 +88,6 @@ def prepared_model(source: ModelSource, prefix: str, precision: str) -> Path | b
 def _checkpoint_bytes(prefix: str) -> int:
     folder = Path(prefix).parent
     return sum(p.stat().st_size for p in folder.glob(Path(prefix).name + ".data-*"))
-
-
-def _available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo (None where there is no such file)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def _remove_stale(folder: Path, precision: str, keep: str) -> None:

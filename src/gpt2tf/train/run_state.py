@@ -53,7 +53,7 @@ def checkpoint_state(run_dir: Path) -> tuple[str | None, list[str]]:
         return None, []
     try:
         state = tf.train.get_checkpoint_state(str(run_dir))
-    except (tf.errors.OpError, ValueError) as e:
+    except (tf.errors.OpError, ValueError) as e:  # (a binary file: UnicodeDecodeError)
         raise UserError(f"{state_file} cannot be read ({e}): fix or remove it") from None
     if state is None:
         return None, []
@@ -67,6 +67,9 @@ def latest_committed(run_dir: Path) -> str | None:
     if not (run_dir / paths.CKPT_STATE).is_file():
         return None
     latest, _ = checkpoint_state(run_dir)
+    if latest and Path(latest).resolve().parent != Path(run_dir).resolve():
+        raise UserError(f"{run_dir / paths.CKPT_STATE} names {latest}, outside the run: a run"
+                        " resumes only from its own checkpoints; fix that file")
     if latest and Path(latest + ".index").is_file():
         return latest
     return None
