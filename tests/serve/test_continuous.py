@@ -120,3 +120,28 @@ def test_a_row_numbers_do_not_depend_on_how_many_rows_share_the_step(served):
         positions = np.array([3] + [r + 2 for r in range(1, rows)], np.int32)
         outputs.append(lite.step(np.full(rows, 9, np.int32), positions)[0])
     assert all(np.array_equal(outputs[0], o) for o in outputs[1:])
+
+
+def test_a_client_that_stops_reading_does_not_hold_a_row(served):
+    import json
+    import socket
+    from urllib.parse import urlparse
+
+    url, _ = served
+    where = urlparse(url)
+    body = json.dumps({"prompt": "Hi", "max_tokens": 2000, "stream": True, "seed": 5,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection((where.hostname, where.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # stops reading at once
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        deadline = time.monotonic() + 60
+        seen_running = False
+        while time.monotonic() < deadline:
+            running = requests.get(f"{url}/stats", timeout=10).json()["active_rows"]
+            seen_running |= running > 0
+            if seen_running and running == 0:
+                break
+            time.sleep(0.05)
+        assert seen_running and running == 0  # the row is free while the socket stays open
