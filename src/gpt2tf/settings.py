@@ -233,7 +233,8 @@ LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")  # bf16: bfloat16 matmuls; weights, norms and the loss in float32
 TRAIN = (
     S("dataset", str, None, "text file, folder, glob, .csv, .jsonl or .npz to train on"
-      " (required unless resuming a run that has one)", optional=True, metavar="PATH"),
+      " (required unless resuming a run that has one)", optional=True, metavar="PATH",
+      local_path=True),
     MODEL_NAME,
     MODELS_DIR,
     COMBINE,
@@ -273,7 +274,7 @@ TRAIN = (
     S("print_every", int, 1, "log the loss every N steps", low=1),
     S("max_checkpoints", int, 1, "checkpoints kept; 0 keeps all", low=0),
     S("val_dataset", str, None, "held-out text or .npz for validation", optional=True,
-      metavar="PATH"),
+      metavar="PATH", local_path=True),
     S("val_fraction", float, 0.0, "hold out this fraction of the dataset for validation",
       low=0, high=1, high_open=True),
     S("val_batch_size", int, 2, "windows per validation batch", low=1),

@@ -271,8 +271,12 @@ class ContinuousBatcher(Batcher):
             return False
 
     def _admit(self) -> None:
-        """Prefill waiting rows into free cache rows (between two steps of the running ones)."""
-        while len(self.slots) < self.max_batch:
+        """Prefill waiting rows into free cache rows, between two steps of the running ones:
+        one prompt per step while others decode (their streams pause for one prefill at a
+        time), as many as fit when nothing runs."""
+        budget = 1 if self.slots else self.max_batch
+        while len(self.slots) < self.max_batch and budget > 0:
+            budget -= 1
             with self._cond:
                 self._drop_cancelled()
                 if not self._pending:

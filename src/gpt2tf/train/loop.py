@@ -221,6 +221,11 @@ class Trainer:
         self.start_step = int(self.session.run(self.g.step.global_step))
         replace_files = plan.replace_run and not plan.resume
         old_events = sorted(run_dir.glob("events.out.tfevents.*")) if plan.replace_run else []
+        if not run_dir.exists():
+            # A new run appears with its hparams, vocabulary and config, or not at all.
+            with fileio.publish_dir(run_dir, make_parents=True) as tmp:
+                self._write_run_files(tmp)
+            replace_files = False
         run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoints = run_state.RunCheckpoints(
             run_dir, self.g.saver, max_checkpoints=self.cfg.max_checkpoints,
@@ -234,7 +239,7 @@ class Trainer:
         )
 
         def write_run_files():
-            self._write_run_files()
+            self._write_run_files(run_dir)
             self.metrics.commit()
             for f in old_events:
                 f.unlink(missing_ok=True)
@@ -245,7 +250,7 @@ class Trainer:
             self.checkpoints.on_first_commit.append(
                 lambda: [f.unlink(missing_ok=True) for f in old_events]
             )
-            self._write_run_files()
+            self._write_run_files(run_dir)
         with self.g.graph.as_default():
             self.writer = tf.compat.v1.summary.FileWriter(str(run_dir))
             # TensorBoard drops events logged past this step by an earlier, crashed process.
@@ -253,16 +258,16 @@ class Trainer:
                 tf.compat.v1.SessionLog(status=tf.compat.v1.SessionLog.START), self.start_step
             )
 
-    def _write_run_files(self) -> None:
+    def _write_run_files(self, folder: Path | None = None) -> None:
+        """hparams, vocabulary (unless the run is its own source) and train_config.json."""
         run_dir = self.plan.run_dir
+        folder = run_dir if folder is None else folder
         if self.plan.source.path.resolve() != run_dir.resolve():
-            fileio.write_text(run_dir / paths.HPARAMS, self.plan.hparams.to_json())
-            for name, content in zip(
-                paths.VOCAB_FILES, self.plan.source.vocab_files
-            ):
-                with fileio.atomic_open(run_dir / name, "wb") as f:
+            fileio.write_text(folder / paths.HPARAMS, self.plan.hparams.to_json())
+            for name, content in zip(paths.VOCAB_FILES, self.plan.source.vocab_files):
+                with fileio.atomic_open(folder / name, "wb") as f:
                     f.write(content)
-        fileio.write_json(run_dir / paths.TRAIN_CONFIG, self.cfg.to_dict())
+        fileio.write_json(folder / paths.TRAIN_CONFIG, self.cfg.to_dict())
 
     # work ------------------------------------------------------------------------------------
 
