@@ -32,6 +32,11 @@ each part-3 run: rows/step = tokens sampled / decode steps (a request's first to
 its prefill, so one client shows slightly over 1); /metrics is saved at the end. The clients
 run in this process, on the same CPUs as the server (they are light: a few ms per request).
 
+--max_batch defaults to 16 (= --clients; serve.py's own default is 8). bf16 runs the TF
+graph, where the server batches statically (a batch runs to its end; new requests wait), so
+parts 3 and 4 show that scheduler, not continuous batching; part 4 is then flagged invalid when
+the long request ends before the short ones.
+
 The first load of a model at a precision converts it for the fast path (124M: 1.5-3 minutes
 and ~9 GB of RAM; the CLI worker does it, before the server starts) and caches it in
 <model>/.gpt2tf-decode/; later runs reuse it. --model_dir serves an existing model instead
