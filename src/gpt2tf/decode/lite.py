@@ -511,11 +511,12 @@ class LiteStep:
     def _write_new(self, positions: np.ndarray) -> None:
         """Write this step's keys/values into slot positions[b] of each row b."""
         rows = np.arange(self._rows)
-        for layer in range(self.hparams.n_layer):
-            for kind in "kv":
+        for kind in "kv":
+            new = self._view(STEP, "new_" + kind)  # [L, B, H, D], one view for every layer
+            for layer in range(self.hparams.n_layer):
                 # [B, H, S, D] indexed at (b, :, positions[b]) for every b -> [B, H, D]
-                self._view(STEP, _cache_name(kind, layer))[rows, :, positions] = \
-                    self._view(STEP, "new_" + kind)[layer]
+                self._view(STEP, _cache_name(kind, layer))[rows, :, positions] = new[layer]
+            del new
 
     def _check_row(self, row: int) -> None:
         if not 0 <= row < self._rows:
