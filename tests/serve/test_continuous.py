@@ -145,3 +145,11 @@ def test_a_client_that_stops_reading_does_not_hold_a_row(served):
                 break
             time.sleep(0.05)
         assert seen_running and running == 0  # the row is free while the socket stays open
+
+
+def test_a_lone_request_runs_at_batch_one_after_a_busy_spell(served):
+    url, gen = served
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda i: _complete(url, max_tokens=40, seed=i, ignore_eos=True), range(3)))
+    _complete(url, max_tokens=5, seed=9, ignore_eos=True)
+    assert gen.engine.backend.lite.rows == 1  # no idle rows computed for a lone client

@@ -315,14 +315,12 @@ class ContinuousBatcher(Batcher):
         self._keep(kept)
 
     def _keep(self, kept: list[_Slot]) -> None:
-        """Move the kept rows' caches to rows 0..len(kept)-1, then shrink the plan if few."""
+        """Move the kept rows' caches to rows 0..len(kept)-1."""
         for dst, slot in enumerate(kept):
             src = self.slots.index(slot)
             if src != dst:
                 self.lite.copy_row(src, dst, len(slot.tokens) - 1)
         self.slots = kept
-        if kept and _tile(len(kept), self.max_batch) * 4 <= self.lite.rows:
-            self.lite.resize(_tile(len(kept), self.max_batch))
 
     def _step(self) -> None:
         """One decode step for every running row; a row whose window is full slides instead
@@ -330,6 +328,9 @@ class ContinuousBatcher(Batcher):
         if not self.slots:
             return
         self.batches += 1
+        want = _tile(len(self.slots), self.max_batch)
+        if want * 2 <= self.lite.rows:  # half the planned rows idle: plan for fewer (a lone
+            self.lite.resize(want)  # client then runs at batch 1)
         rows = self.lite.rows
         tokens = np.zeros([rows], np.int32)  # [rows]; unused rows: token 0 at slot 0, unread
         positions = np.zeros([rows], np.int32)
