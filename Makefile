@@ -53,3 +53,4 @@ bench:
 	$(PYTHON) benchmarks/bench_encode.py
 	$(PYTHON) benchmarks/bench_train.py
 	$(PYTHON) benchmarks/bench_serve.py
+	$(PYTHON) benchmarks/bench_quality.py
