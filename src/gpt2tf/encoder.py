@@ -8,7 +8,7 @@ ids many times faster; tests compare both paths.
 
 Unlike OpenAI's encoder (and nshepperd's and gpt-2-simple's, which copy it), `<|endoftext|>` in the
 text becomes the single token 50256 instead of seven plain-text tokens. No file I/O here: the
-caller passes the files' bytes (see `gpt2tf.modeldir.load_encoder`).
+caller passes the files' bytes (see `gpt2tf.source.ModelSource.encoder`).
 """
 
 import functools
