@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, Callable, Iterable
 
+import numpy as np
+
 from gpt2tf import paths
 from gpt2tf.errors import FieldError
 
@@ -120,22 +122,11 @@ def _num(x: float) -> str:
 
 
 def _is_number(value) -> bool:
-    try:
-        import numpy as np
-
-        kinds = (int, float, np.integer, np.floating)
-    except ImportError:  # numpy is a dependency; keep this module importable regardless
-        kinds = (int, float)
-    return isinstance(value, kinds)
+    return isinstance(value, (int, float, np.integer, np.floating))
 
 
 def _is_integral(value) -> bool:
-    try:
-        import numpy as np
-
-        return isinstance(value, np.integer)
-    except ImportError:
-        return False
+    return isinstance(value, np.integer)
 
 
 def check_encoding(name: str, encoding: str) -> str:
