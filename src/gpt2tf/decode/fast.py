@@ -64,7 +64,8 @@ def prepared_model(source: ModelSource, prefix: str, precision: str) -> Path | b
     for folder in folders:
         if (folder / name).is_file():
             return folder / name
-    need = CONVERT_MEMORY_FACTOR * _checkpoint_bytes(prefix)
+    need = CONVERT_MEMORY_FACTOR * 4 * source.hparams.n_params  # float32 weights only: a
+    # run's checkpoint also holds optimizer slots, which the conversion never reads
     have = memory.available_bytes()
     if have is not None and need > have:
         raise MemoryError(f"converting needs about {memory.gib(need)} of memory and"
@@ -83,11 +84,6 @@ def prepared_model(source: ModelSource, prefix: str, precision: str) -> Path | b
         _remove_stale(folder, precision, keep=name)
         return folder / name
     return data
-
-
-def _checkpoint_bytes(prefix: str) -> int:
-    folder = Path(prefix).parent
-    return sum(p.stat().st_size for p in folder.glob(Path(prefix).name + ".data-*"))
 
 
 def _remove_stale(folder: Path, precision: str, keep: str) -> None:
