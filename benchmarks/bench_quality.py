@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from run_info import git_rev
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -62,12 +63,6 @@ def _env() -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT / "src"), TF_CPP_MIN_LOG_LEVEL="3")
 
 
-def git_rev() -> str:
-    """The commit measured, with "+dirty" when the work tree has changes."""
-    def git(*args):
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
-                              check=False).stdout.strip()
-    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
 
 
 # ----------------------------------------------------------------------------- data and training
