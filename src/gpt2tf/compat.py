@@ -23,9 +23,6 @@ from gpt2tf.source import ModelSource
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SAMPLE_DELIM = S.SAMPLE_DELIM.default
-
-
 def _settings(*names: str) -> list:
     """The declarations behind gpt-2-simple's parameters, in gpt-2-simple's order."""
     pool = {}

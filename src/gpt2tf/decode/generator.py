@@ -62,11 +62,8 @@ class Generator:
                                         threads=threads)
         if backend is None:
             backend = self._graph_parts()[2]
-        self.engine_name = "graph" if backend is self._graph_backend() else "fast"
+        self.engine_name = "fast" if isinstance(backend, fast.LiteBackend) else "graph"
         self.engine = DecodeEngine(backend, self.hparams, self.encoder)
-
-    def _graph_backend(self):
-        return None if self._graph is None else self._graph[2]
 
     def _graph_parts(self):
         if self._graph is None:

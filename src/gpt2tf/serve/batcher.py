@@ -143,10 +143,10 @@ class Batcher:
                     return None
                 self._drop_cancelled()
                 if self._pending:
-                    return self._take_compatible()
+                    return self._take_batch()
                 self._cond.wait()
 
-    def _take_compatible(self) -> list[_Row]:
+    def _take_batch(self) -> list[_Row]:
         """The oldest waiting rows, up to max_batch (sampling is per row: any rows mix)."""
         batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
         return batch
