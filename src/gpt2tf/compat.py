@@ -23,6 +23,7 @@ from gpt2tf.source import ModelSource
 
 log = logging.getLogger(__name__)
 
+
 def _settings(*names: str) -> list:
     """The declarations behind gpt-2-simple's parameters, in gpt-2-simple's order."""
     pool = {}
