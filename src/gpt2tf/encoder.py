@@ -78,6 +78,11 @@ def _replace_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+def _is_special(token: str) -> bool:
+    """A control token such as `<|endoftext|>` or `<pad>`: in the vocabulary, made by no merge."""
+    return len(token) > 2 and token[0] == "<" and token[-1] == ">"
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -88,6 +93,9 @@ def parse_encoder_json(raw: bytes, source: str) -> dict[str, int]:
         vocab = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{source}: encoder.json is not valid UTF-8 JSON ({e})") from None
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise UserError(f"{source}: encoder.json is nested too deeply to be a vocabulary (a flat"
+                        " JSON object of token: id): re-download the model") from None
     if not isinstance(vocab, dict) or not vocab:
         raise UserError(f"{source}: encoder.json must be a non-empty JSON object of token: id")
     for token, idx in vocab.items():
@@ -201,12 +209,28 @@ class Encoder:
                 f"{source}: encoder.json lacks {len(missing)} of the 256 byte tokens"
                 f" (e.g. byte {missing[0]}); re-download the model or fix the file"
             )
+        made = set(self.byte_encoder.values())
         for (first, second), rank in self.bpe_ranks.items():
             if first + second not in self.encoder:
                 raise UserError(
                     f"{source}: vocab.bpe merge {rank + 1} ({first} {second}) makes a token that"
                     " encoder.json lacks: the two files do not belong together"
                 )
+            made.add(first + second)
+        # The other way round: each token is a byte, a merge's result or a special token, so
+        # len(encoder) = 256 + merges + specials (GPT-2: 256 + 50000 + 1). A token nothing makes
+        # means merges are missing, e.g. a vocab.bpe cut short, whose tokens would never appear.
+        unmade = [t for t in self.encoder if t not in made and not _is_special(t)]
+        if unmade:
+            specials = sum(1 for t in self.encoder if t not in made and _is_special(t))
+            first = min(unmade, key=self.encoder.__getitem__)
+            raise UserError(
+                f"{source}: encoder.json has {len(self.encoder):,} tokens but the 256 bytes,"
+                f" {len(self.bpe_ranks):,} vocab.bpe merges and {specials} special tokens make"
+                f" only {len(self.encoder) - len(unmade):,}; {len(unmade):,} (e.g. {first!r},"
+                f" id {self.encoder[first]}) are made by no merge: vocab.bpe is cut short or"
+                " belongs to another vocabulary; re-download the model"
+            )
 
     def _all_token_bytes(self) -> list[bytes | None]:
         """id -> the token's raw bytes (None for unused ids)."""

@@ -6,6 +6,7 @@ Files are decoded block by block with bounded memory, strictly: a byte that is n
 
 import codecs
 import csv
+import fnmatch
 import glob
 import json
 import os
@@ -17,6 +18,7 @@ from gpt2tf.encoder import ENDOFTEXT, STARTOFTEXT
 from gpt2tf.errors import UserError
 
 READ_BYTES = 1 << 20  # bytes read from a file at a time
+ENCODED_SUFFIXES = (".npz", ".npy")  # token ids already: training loads them, encode refuses
 
 ProgressFn = Callable[[int], None]
 
@@ -24,29 +26,104 @@ ProgressFn = Callable[[int], None]
 # --- finding and reading files ----------------------------------------------------------------
 
 
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _folder_files(folder: str) -> Iterator[str]:
+    """A folder's files, recursively, sorted, hidden ones skipped.
+
+    Symlinked folders inside are not entered: a `self -> .` link would list every file again,
+    and two links to each other would never end.
+    """
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if not _hidden(name) and os.path.isfile(path):
+                yield path
+
+
+def _glob(base: str, parts: list[str]) -> Iterator[str]:
+    """The paths under `base` that match the pattern components `parts`, as glob.glob does with
+    recursive=True, except that `**` never descends through a symlinked folder (glob's own
+    `**` follows them, so link loops repeat files or never end)."""
+    if not parts:
+        if os.path.lexists(base or "."):
+            yield base
+        return
+    head, rest = parts[0], parts[1:]
+    here = base or os.curdir
+    if head == "**":
+        # Zero or more folders, then the rest of the pattern (a final `**`: each file in them).
+        for root, dirs, files in os.walk(here, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not _hidden(d))
+            prefix = base if root == here else os.path.join(base, os.path.relpath(root, here))
+            if rest:
+                yield from _glob(prefix, rest)
+            else:
+                yield from (os.path.join(prefix, f) for f in sorted(files) if not _hidden(f))
+        return
+    if not glob.has_magic(head):
+        path = os.path.join(base, head)
+        if not rest or os.path.isdir(path):
+            yield from _glob(path, rest)
+        return
+    try:
+        names = os.listdir(here)
+    except OSError:
+        return
+    if not _hidden(head):
+        names = [n for n in names if not _hidden(n)]  # glob's rule: `*` skips hidden names
+    for name in sorted(fnmatch.filter(names, head)):
+        path = os.path.join(base, name)
+        if not rest or os.path.isdir(path):
+            yield from _glob(path, rest)
+
+
+def _expand(pattern: str) -> Iterator[str]:
+    if os.path.isabs(pattern):
+        base, pattern = os.sep, pattern.lstrip(os.sep)
+    else:
+        base = ""
+    parts = [p for p in pattern.split(os.sep) if p not in ("", ".")]
+    return _glob(base, parts)
+
+
+def _unique(paths: Iterable[str]) -> list[Path]:
+    """Each file once, by its resolved path (a symlink to a file read elsewhere is skipped)."""
+    seen: set[str] = set()
+    out = []
+    for p in paths:
+        real = os.path.realpath(p)
+        if real not in seen:
+            seen.add(real)
+            out.append(Path(p))
+    return out
 
 
 def resolve_paths(path: str | os.PathLike) -> list[Path]:
-    """The files `path` names: itself, a folder's files (recursive, sorted, not hidden), a glob."""
+    """The files `path` names: itself, a folder's files (recursive, sorted, not hidden), a glob.
+
+    Each file comes once, however many links or overlapping matches lead to it.
+    """
     text = str(path)
     p = Path(text)
     if p.is_file():
         return [p]
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and not _is_hidden(f, p))
+        files = _unique(_folder_files(text))
         if not files:
             raise UserError(f"folder {text} holds no (non-hidden) files to read")
         return files
-    matches = sorted(glob.glob(text, recursive=True))
-    files: list[Path] = []
-    for m in matches:
-        mp = Path(m)
-        if mp.is_dir():
-            files.extend(sorted(f for f in mp.rglob("*") if f.is_file() and not _is_hidden(f, mp)))
-        elif mp.is_file():
-            files.append(mp)
+    found: list[str] = []
+    if glob.has_magic(text):
+        for m in sorted(set(_expand(text))):
+            if os.path.isdir(m):
+                found.extend(_folder_files(m))
+            elif os.path.isfile(m):
+                found.append(m)
+    files = _unique(found)
     if not files:
         if glob.has_magic(text):
             raise UserError(f"no input files match {text!r}")
@@ -140,7 +217,10 @@ def _csv_documents(
 ) -> Iterator[tuple[str, Iterator[str]]]:
     # One row is one document: lift csv's default 128 KiB limit on a field's size.
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
-    reader = csv.reader(_iter_lines(blocks))
+    # strict: a quote left open is an error at the end of the file, not the rest of the file
+    # silently read as one field (a quoted field may still span lines, as documents do).
+    reader = csv.reader(_iter_lines(blocks), strict=True)
+    row_start = 1  # the line the row being read starts on
     try:
         header = next(reader, None)
         if header is None:
@@ -151,15 +231,27 @@ def _csv_documents(
             index = header.index(column)
         else:
             index = int(column)
+        row_start = reader.line_num + 1
         for row in reader:
+            name = f"{path}:{row_start}"
+            row_start = reader.line_num + 1
             if not row:
                 continue  # a blank line
             if not -len(row) <= index < len(row):
-                raise UserError(
-                    f"{path}:{reader.line_num}: row has {len(row)} columns, no column {column!r}"
-                )
-            yield f"{path}:{reader.line_num}", iter((STARTOFTEXT + row[index] + ENDOFTEXT,))
+                raise UserError(f"{name}: row has {len(row)} columns, no column {column!r}")
+            yield name, iter((STARTOFTEXT + row[index] + ENDOFTEXT,))
     except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            raise UserError(
+                f"{path}:{row_start}: a quoted field in the row that starts here is never closed"
+                " (the rest of the file would be one field): close the quote, or write a quote"
+                ' inside a quoted field as ""'
+            ) from None
+        if reader.line_num > row_start:  # the error shows only where a long quoted field ends
+            raise UserError(
+                f"{path}:{row_start}: bad CSV in the row that starts here, at line"
+                f" {reader.line_num} ({e}): is a quote in this row left open?"
+            ) from None
         raise UserError(f"{path}:{reader.line_num}: bad CSV ({e})") from None
 
 
@@ -173,6 +265,9 @@ def _jsonl_documents(
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:  # json's parser recurses once per level of nesting
+            raise UserError(f"{path}:{lineno}: JSON nested too deeply to read: a line should"
+                            ' be an object like {"text": "..."}') from None
         if not isinstance(obj, dict) or field not in obj:
             raise UserError(f"{path}:{lineno}: expected a JSON object with a {field!r} field")
         text = obj[field]
@@ -192,9 +287,9 @@ def file_documents(
     progress: ProgressFn | None,
 ) -> Iterator[tuple[str, Iterator[str]]]:
     suffix = path.suffix.lower()
-    if suffix == ".npz":
+    if suffix in ENCODED_SUFFIXES:
         raise UserError(
-            f"{path} is already encoded (.npz): pass it to training directly, not to encode"
+            f"{path} is already encoded ({suffix}): pass it to training directly, not to encode"
         )
     blocks = read_text_blocks(path, encoding=encoding, progress=progress)
     if suffix == ".csv":

@@ -12,7 +12,6 @@ The .npz holds one int32 array `arr_0`, loadable by nshepperd/gpt-2 and gpt-2-si
 import contextlib
 import os
 import time
-import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -22,8 +21,10 @@ from gpt2tf import paths
 from gpt2tf.encoder import ENDOFTEXT, Encoder
 from gpt2tf.errors import UserError
 from gpt2tf.source import ModelSource
+from gpt2tf.data.npzreader import read_token_file
 from gpt2tf.data.npzwriter import NpzWriter
-from gpt2tf.data.documents import file_documents, incremental_decoder, resolve_paths
+from gpt2tf.data.documents import (ENCODED_SUFFIXES, file_documents, incremental_decoder,
+                                   resolve_paths)
 
 BLOCK_CHARS = 1 << 20  # a long text is encoded in pieces of about this many characters
 
@@ -256,39 +257,6 @@ def encode_to_npz(
 # --- loading training data --------------------------------------------------------------------
 
 
-def _load_npz(path: Path, n_vocab: int) -> list[np.ndarray]:
-    chunks = []
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if not hasattr(npz, "files"):
-                raise UserError(f"{path} is a .npy array, not an .npz archive")
-            for name in npz.files:
-                arr = npz[name]
-                if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-                    raise UserError(
-                        f"{path}: array {name!r} is {arr.dtype} of shape {arr.shape};"
-                        " expected a 1-D array of integer token ids"
-                    )
-                if arr.size and (arr.min() < 0 or arr.max() >= n_vocab):
-                    raise UserError(
-                        f"{path}: array {name!r} holds ids in [{arr.min()}, {arr.max()}],"
-                        f" outside the vocabulary [0, {n_vocab}): encoded for another model?"
-                    )
-                chunks.append(arr.astype(np.int32))
-    except UserError:
-        raise
-    except ValueError as e:
-        if "pickle" in str(e):
-            raise UserError(
-                f"{path} holds pickled Python objects; refusing to unpickle them (unsafe):"
-                " re-encode the text with encode.py"
-            ) from None
-        raise UserError(f"{path} is not a valid .npz of token ids ({e})") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"cannot read {path} as .npz ({e})") from None
-    return chunks
-
-
 def load_tokens(
     path: str,
     *,
@@ -299,8 +267,9 @@ def load_tokens(
 ) -> list[np.ndarray]:
     """Training data as token chunks: each array of an .npz, and one chunk per run of text files.
 
-    Text of any kind is encoded on the fly (documents joined by one `<|endoftext|>`). An .npz is
-    loaded without pickle; its arrays must be 1-D integers inside the vocabulary.
+    Text of any kind is encoded on the fly (documents joined by one `<|endoftext|>`). An .npz (or
+    .npy) is loaded without pickle and with its declared sizes checked first (npzreader); its
+    arrays must be 1-D integers inside the vocabulary.
     """
     chunks: list[np.ndarray] = []
     pending: list[np.ndarray] = []
@@ -312,10 +281,10 @@ def load_tokens(
 
     sink = _TokenSink(encoder, pending.append)
     for file in resolve_paths(path):
-        if file.suffix.lower() == ".npz":
+        if file.suffix.lower() in ENCODED_SUFFIXES:
             flush_text()
             sink = _TokenSink(encoder, pending.append)
-            chunks.extend(_load_npz(file, encoder.n_vocab))
+            chunks.extend(read_token_file(file, encoder.n_vocab))
             continue
         docs = file_documents(file, encoding=encoding, column=column, field=field, progress=None)
         _encode_documents(docs, encoder, sink)
