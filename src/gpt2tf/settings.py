@@ -297,11 +297,35 @@ LIMITS = (
     S("max_n", int, 16, "choices per request (n x prompts)", low=1),
     S("max_body_bytes", int, 1_000_000, "largest request body", low=1),
 )
+# How long a client may take, and how many may be connected: slow or idle clients must not
+# hold the server's sockets (each is a file descriptor) for ever.
+CONNECTIONS = (
+    S("header_timeout_s", float, 10.0, "seconds a client has to send a request's headers,"
+      " from opening the connection (or its next request's first byte)", low=0, low_open=True),
+    S("body_timeout_s", float, 30.0, "seconds a client has to send a request's body once its"
+      " headers are in", low=0, low_open=True),
+    S("idle_timeout_s", float, 5.0, "seconds an idle keep-alive connection stays open between"
+      " requests", low=0, low_open=True),
+    S("max_connections", int, 1000, "open connections; more are refused at once with a 503",
+      low=1),
+)
+# Who may use the server. A browser page on another site could otherwise drive a local server
+# (and, with DNS rebinding, read its answers).
+API_KEY_ENV = "GPT2TF_API_KEY"
+ACCESS = (
+    S("allowed_hosts", str, "", "comma-separated Host names the server answers to (a name may"
+      " carry :port; *.example.com covers subdomains; * any); empty: localhost, 127.0.0.1,"
+      " [::1] and --host"),
+    S("allowed_origins", str, "", "comma-separated web origins (https://app.example.com) whose"
+      " pages may call the API; * any; empty: only the server's own page"),
+    S("api_key", str, "", "require `Authorization: Bearer <key>` on the API (not on /health"
+      f" or the page); also ${API_KEY_ENV}, which other users cannot see in ps"),
+)
 SERVE = MODEL_SOURCE + (
     DECODE_PRECISION,
     S("host", str, "127.0.0.1", "address to listen on (0.0.0.0: every interface)"),
     S("port", int, 8000, "TCP port; 0: any free port", low=0, high=65535),
-) + LIMITS + (
+) + LIMITS + CONNECTIONS + ACCESS + (
     S("batch_invariant", bool, True, "pad every batch to max_batch rows so that a seed's"
       " completion never depends on the load (a lone request costs a full batch)"),
     S("shutdown_grace_s", float, 5.0, "seconds running requests get after Ctrl-C or SIGTERM",

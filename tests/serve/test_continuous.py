@@ -133,7 +133,7 @@ def test_a_client_that_stops_reading_does_not_hold_a_row(served):
                        "ignore_eos": True}).encode()
     with socket.create_connection((where.hostname, where.port)) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # stops reading at once
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                      % (len(body), body))
         deadline = time.monotonic() + 60

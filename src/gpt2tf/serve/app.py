@@ -2,21 +2,30 @@
 
 Starlette routes the requests; the `Batcher` runs the model. Endpoints: POST /v1/completions
 (JSON or server-sent events), GET /v1/models, GET /health, GET /stats, GET /metrics (Prometheus), and the page.
+
+Before any route runs, `_Gate` checks who is asking: the Host header against an allow-list
+(a DNS-rebinding page names its own host), the Origin header (a page on another site may not
+drive the server unless --allowed_origins lists it) and, when the server has one, the API key.
+Prompts are tokenized on a thread pool, so a megabyte of text never stalls the event loop.
 """
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import os
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AsyncIterator
 
+from gpt2tf import settings
 from gpt2tf.decode.engine import sample_seed
 from gpt2tf.serve.batcher import Batcher, ContinuousBatcher, QueueFull, _Job, _Row
 from gpt2tf.serve.metrics import CONTENT_TYPE, Metrics
-from gpt2tf.serve.schema import ApiError, CompletionRequest, Limits, parse_request
+from gpt2tf.serve.schema import ApiError, CompletionRequest, Limits, parse_request, show
 
 log = logging.getLogger(__name__)
 
@@ -30,28 +39,145 @@ SECURITY_HEADERS = [
      b" img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
 ]
 
+TOKENIZER_THREADS = min(4, os.cpu_count() or 1)  # tiktoken releases the GIL while it works
+
+Access = settings.make_config(
+    "Access", settings.ACCESS, "Who may use the server: Host names, web origins, an API key.",
+    {"LOOPBACK_HOSTS": ("localhost", "127.0.0.1", "[::1]"),
+     "__repr__": lambda self: f"Access(allowed_hosts={self.allowed_hosts!r},"
+                              f" allowed_origins={self.allowed_origins!r},"
+                              f" api_key={'set' if self.api_key else 'none'})"})
 
 
 def _error_response(err: ApiError):
     from starlette.responses import JSONResponse
 
-    headers = {"retry-after": "1"} if err.status in (429, 503) else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    headers = {"retry-after": "1"} if err.status in (429, 503) else {}
+    if err.status == 401:
+        headers["www-authenticate"] = "Bearer"
+    return JSONResponse(err.body(), status_code=err.status, headers=headers or None)
 
 
-async def _read_body(request, limit: int) -> bytes:
+def _require_json(request) -> None:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        # Also a guard: a cross-site form or a "simple" fetch can only send text/plain,
+        # urlencoded or multipart bodies without asking the browser's permission first.
+        raise ApiError(415, "send the request body as JSON with Content-Type:"
+                       f" application/json (got {show(kind) or 'none'})",
+                       code="unsupported_media_type")
+
+
+async def _read_body(request, limit: int, *, json_only: bool = False) -> bytes:
+    """The request's body, at most `limit` bytes (413), JSON only if `json_only` (415)."""
+    from starlette.requests import ClientDisconnect
+
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body has {declared} bytes; the limit is {limit}",
                        code="request_too_large")
+    if json_only:
+        _require_json(request)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the request body is over the limit of {limit} bytes",
-                           code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"the request body is over the limit of {limit} bytes",
+                               code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client left, or its body was too slow (the server closed
+        # the connection with a 408): nobody reads an answer
+        raise ApiError(400, "the client disconnected before its request body arrived",
+                       code="client_disconnected") from None
     return b"".join(chunks)
+
+
+def _split_host(host: str) -> tuple[str, str | None]:
+    """"example.com:8000" -> ("example.com", "8000"); "[::1]:80" -> ("[::1]", "80")."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, _, rest = host.partition("]")
+        return name + "]", rest[1:] if rest.startswith(":") else None
+    name, colon, port = host.partition(":")
+    return name.rstrip("."), port if colon else None
+
+
+def _split_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+class _Gate:
+    """Pure ASGI middleware: Host, Origin and API key, checked before any route runs.
+
+    /health is open to all (it says only "ok"; load balancers call it by IP). The page and
+    its files need no key (they hold none); the API, /stats and /metrics do.
+    """
+
+    def __init__(self, app, access: Access):
+        self.hosts = [_split_host(h) for h in _split_list(access.allowed_hosts)
+                      or Access.LOOPBACK_HOSTS]
+        self.any_host = ("*", None) in self.hosts
+        self.origins = {o.rstrip("/").lower() for o in _split_list(access.allowed_origins)}
+        self.key = access.api_key.encode() if access.api_key else None
+        if self.origins:  # pages of the listed sites may call the API: answer CORS for them
+            from starlette.middleware.cors import CORSMiddleware
+
+            app = CORSMiddleware(
+                app, allow_origins=["*"] if "*" in self.origins else sorted(self.origins),
+                allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"])
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        headers = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name, value)
+        try:
+            host = self._check_host(headers.get(b"host", b"").decode("latin-1"))
+            self._check_origin(headers.get(b"origin"), host, scope.get("scheme", "http"))
+            preflight = scope["method"] == "OPTIONS" and b"access-control-request-method" in \
+                headers and self.origins
+            page = scope["path"] == "/" or scope["path"].startswith("/static/")
+            if self.key is not None and not preflight and not page:
+                self._check_key(headers.get(b"authorization", b""))
+        except ApiError as e:
+            return await _error_response(e)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _check_host(self, host: str) -> str:
+        if self.any_host:
+            return host
+        name, port = _split_host(host)
+        for want_name, want_port in self.hosts:
+            matches = name == want_name or (want_name.startswith("*.") and
+                                            name.endswith(want_name[1:]))
+            if matches and (want_port is None or want_port == port):
+                return host
+        raise ApiError(400, f"this server does not answer to Host {show(host) or 'none'}:"
+                       " start it with --allowed_hosts naming that host", code="invalid_host")
+
+    def _check_origin(self, origin: bytes | None, host: str, scheme: str) -> None:
+        if origin is None:  # not a browser's cross-site call (they always send Origin)
+            return
+        origin = origin.decode("latin-1").strip().rstrip("/").lower()
+        if origin == f"{scheme}://{host}".lower() or origin in self.origins or \
+                "*" in self.origins:
+            return
+        raise ApiError(403, f"requests from web pages at {show(origin)} are refused: start"
+                       " the server with --allowed_origins naming that origin to allow them",
+                       code="origin_not_allowed")
+
+    def _check_key(self, authorization: bytes) -> None:
+        scheme, _, given = authorization.partition(b" ")
+        if scheme.lower() != b"bearer" or not given.strip():
+            raise ApiError(401, "this server needs an API key: send Authorization: Bearer"
+                           " <key> (OpenAI's clients do so with api_key=...)",
+                           code="invalid_api_key")
+        if not hmac.compare_digest(given.strip(), self.key):  # time does not tell how
+            # much of a guess was right
+            raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
 
 
 async def _wait_for_disconnect(receive) -> None:
@@ -113,10 +239,12 @@ class Service:
     """The app's state: the model, its batcher and the limits; builds the Starlette app."""
 
     def __init__(self, gen, *, model_id: str, limits: Limits = Limits(),
-                 batch_invariant: bool = True):
+                 access: Access = Access(), batch_invariant: bool = True):
         self.gen = gen
         self.model_id = model_id
         self.limits = limits
+        self.access = access
+        self._tokenizer = ThreadPoolExecutor(TOKENIZER_THREADS, "gpt2tf-tokenize")
         self.created = int(time.time())
         # The fast path decodes rows at their own positions: iteration-level batching. The TF
         # graph (bf16, or the fallback) decodes a batch in lockstep: static batches.
@@ -174,14 +302,10 @@ class Service:
     async def completions(self, request):
         from starlette.responses import JSONResponse
 
-        raw = await _read_body(request, self.limits.max_body_bytes)
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep: not a request
-            raise ApiError(400, "We could not parse the JSON body of your request: send a JSON"
-                           " object with Content-Type: application/json",
-                           code="invalid_json") from None
-        req = parse_request(body, self.gen, self.limits, self.model_id)
+        raw = await _read_body(request, self.limits.max_body_bytes, json_only=True)
+        # Parsing and tokenizing a long prompt take a while: off the event loop, so that
+        # /health and the running streams are served meanwhile.
+        req = await asyncio.get_running_loop().run_in_executor(self._tokenizer, self._parse, raw)
         job = self._submit(req)
         self.requests += 1
         meta = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
@@ -197,6 +321,15 @@ class Service:
         return JSONResponse({**meta, "choices": choices, "usage": self._usage(req, tokens)})
 
     # -- helpers --
+
+    def _parse(self, raw: bytes) -> CompletionRequest:
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep: not a request
+            raise ApiError(400, "We could not parse the JSON body of your request: send a JSON"
+                           " object with Content-Type: application/json",
+                           code="invalid_json") from None
+        return parse_request(body, self.gen, self.limits, self.model_id)
 
     def _submit(self, req: CompletionRequest) -> _Job:
         job = _Job(asyncio.get_running_loop())
@@ -237,6 +370,11 @@ class Service:
                 self.metrics.requests.labels("interrupted").inc()
                 raise ApiError(503, "generation was interrupted (the server is stopping or"
                                " failed); retry", type="server_error", code="interrupted")
+            if finish == "failed":  # this request's rows alone; the log has the traceback
+                self.metrics.requests.labels("failed").inc()
+                raise ApiError(500, "generation failed for this request (a server bug; its"
+                               " log has the details)", type="server_error",
+                               code="generation_failed")
             if first:
                 self.metrics.time_to_first_token.observe(time.monotonic() - job.started)
                 first = False
@@ -264,7 +402,7 @@ class Service:
             watcher.cancel()
             if not work.done():
                 work.cancel()
-                job.cancel()
+            job.cancel()  # no-op for finished rows; stops the others when one row failed
         if not work.done() or work.cancelled():
             return None, None, None
         work.result()  # re-raise ApiError
@@ -284,8 +422,9 @@ class Service:
                 async for index, piece, finish in self._events(job):
                     yield chunk({**meta, "choices": [{"text": piece, "index": index,
                                  "logprobs": None, "finish_reason": finish}], **extra})
-            except ApiError as e:
+            except ApiError as e:  # the stream still ends as streams do: with [DONE]
                 yield chunk(e.body())
+                yield "data: [DONE]\n\n"
                 return
             if req.include_usage:
                 usage = self._usage(req, [r.n_tokens for r in job.rows])
@@ -303,6 +442,7 @@ class Service:
             yield
         finally:
             await asyncio.get_running_loop().run_in_executor(None, self.batcher.stop)
+            self._tokenizer.shutdown(wait=False, cancel_futures=True)
 
     def app(self):
         from starlette.applications import Starlette
@@ -337,7 +477,7 @@ class Service:
         ]
         app = Starlette(
             routes=routes,
-            middleware=[Middleware(_SecurityHeaders)],
+            middleware=[Middleware(_SecurityHeaders), Middleware(_Gate, access=self.access)],
             exception_handlers={ApiError: api_error, HTTPException: http_error,
                                 Exception: server_error},
             lifespan=self.lifespan,

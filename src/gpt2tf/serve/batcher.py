@@ -13,6 +13,10 @@ or more take different code paths), and the different rounding flips a sampled t
 then (2 of 64 requests of 64 tokens on a 124M model). So by default (`batch_invariant`) every
 batch is padded to exactly max_batch rows, and rows are only batched with rows that sample
 alike (same sampler and top-k width); a lone request then costs about as much as a full batch.
+
+A row whose sampling fails (a bug, or settings the checks let through) fails alone: its request
+gets an error ("failed"), and the rows decoded with it carry on as if nothing happened. Only a
+failure of the whole step (the model itself) fails every row of the batch ("error").
 """
 
 import asyncio
@@ -72,6 +76,18 @@ class _Job:
 
 class QueueFull(Exception):
     pass
+
+
+def _pick_one(logits: np.ndarray, params, u: np.float32) -> int:
+    """One row's next token (logits [V]), exactly as `pick` samples it inside a batch."""
+    return int(pick(logits[None], [params], np.array([u], np.float32))[0])
+
+
+def _failed(row: _Row) -> tuple:
+    """Mark a row whose sampling raised as done; the event that fails its request alone."""
+    log.exception("sampling failed for one row (its request fails, the others go on)")
+    row.done = True
+    return (row.job, row.index, "", "failed")
 
 
 class Batcher:
@@ -162,42 +178,63 @@ class Batcher:
                 self.active_rows = 0
 
     def _run(self, batch: list[_Row]) -> None:
+        """Decode one batch in lockstep until its rows are done.
+
+        This is DecodeEngine.stream's loop (same backend calls, same draws, same sampler, so a
+        seed gives the CLI's text) with each row sampled on its own: a row whose sampling
+        raises is failed and fed token 0 from then on, like a filler row."""
         self.batches += 1
         self.active_rows = len(batch)
-        contexts = [r.context for r in batch]
-        params = [r.params for r in batch]
-        rngs = [r.rng for r in batch]
+        n_ctx = self.gen.hparams.n_ctx
+        keep = n_ctx - n_ctx // 4
+        lanes: list[_Row | None] = list(batch)
         if self.batch_invariant:
-            import numpy as np
-
             # Filler rows (copies of the first, sampled and thrown away) give every decode step
             # the same shapes, so a row computes exactly what it would in a full batch.
-            filler = self.max_batch - len(batch)
-            contexts += [batch[0].context] * filler
-            params += [batch[0].params] * filler
-            rngs += [np.random.default_rng(0) for _ in range(filler)]
-        steps = self.gen.stream(
-            contexts, length=max(r.max_tokens for r in batch), params=params, rngs=rngs)
-        try:
-            for new in steps:
-                self.tokens_sampled += len(batch)
-                events = []
-                for row, token in zip(batch, new):
-                    if row.done:
-                        continue
-                    if row.cancelled:
-                        row.done = True
-                        self.rows_cancelled += 1
-                        continue
-                    piece, finish = row.add(int(token))
-                    if piece or finish:
-                        events.append((row.job, row.index, piece, finish))
-                self._deliver(events)
-                self.active_rows = sum(not r.done for r in batch)
-                if self.active_rows == 0 or self._stopping:
-                    break
-        finally:
-            steps.close()  # stops the decode loop: nothing more is computed for this batch
+            lanes += [None] * (self.max_batch - len(batch))
+        seqs = [list((r or batch[0]).context[-(n_ctx - 1):]) for r in lanes]  # room for 1 new
+        params = [(r or batch[0]).params for r in lanes]
+        rngs = [r.rng if r else np.random.default_rng(0) for r in lanes]
+        backend = self.gen.engine.backend
+        logits = backend.start(seqs)  # [B, V]
+        width = max(len(q) for q in seqs)
+        length = max(r.max_tokens for r in batch)
+        for step in range(length):
+            uniform = np.array([g.random() for g in rngs], np.float32)  # every lane draws
+            new = np.zeros([len(lanes)], np.int32)  # [B]
+            events = []
+            for i, row in enumerate(lanes):
+                if row is not None and row.done:
+                    continue  # token 0: nothing reads a finished row
+                try:
+                    new[i] = _pick_one(logits[i], params[i], uniform[i])
+                except Exception:
+                    if row is not None:
+                        events.append(_failed(row))
+                    continue
+                if row is None:
+                    continue
+                if row.cancelled:
+                    row.done = True
+                    self.rows_cancelled += 1
+                    continue
+                self.tokens_sampled += 1
+                piece, finish = row.add(int(new[i]))
+                if piece or finish:
+                    events.append((row.job, row.index, piece, finish))
+            for q, t in zip(seqs, new):
+                q.append(int(t))
+            self._deliver(events)
+            self.active_rows = sum(not r.done for r in batch)
+            if self.active_rows == 0 or self._stopping or step == length - 1:
+                break
+            if width >= n_ctx:  # the window is full: slide it, as DecodeEngine.stream does
+                seqs = [q[-keep:] for q in seqs]
+                logits = backend.start(seqs)
+                width = max(len(q) for q in seqs)
+            else:
+                logits = backend.step(new)
+                width += 1
         if self._stopping:
             self._deliver([(r.job, r.index, "", "error") for r in batch if not r.done])
 
@@ -286,7 +323,12 @@ class ContinuousBatcher(Batcher):
             if self.lite.rows < n + 1:
                 self.lite.resize(_tile(n + 1, self.max_batch))
             context = row.context[-(self.n_ctx - 1):]  # leave room for the first new token
-            logits = self.lite.prefill(n, context)  # [V]
+            try:
+                logits = self.lite.prefill(n, context)  # [V]
+            except Exception:  # this prompt alone; cache row n is refilled by the next one
+                log.exception("prefill failed for one row (its request fails)")
+                self._deliver([(row.job, row.index, "", "failed")])
+                continue
             self.slots.append(_Slot(row, logits, list(context)))
 
     def _sample(self) -> None:
@@ -299,14 +341,13 @@ class ContinuousBatcher(Batcher):
                 self.rows_cancelled += 1
                 continue
             try:
-                token = int(pick(slot.logits[None], [row.params], np.array([u]))[0])
+                token = _pick_one(slot.logits, row.params, u)
+                piece, finish = row.add(token)
             except Exception:  # this row's settings broke the sampler: it fails alone
-                log.exception("sampling failed for one row")
-                events.append((row.job, row.index, "", "error"))
+                events.append(_failed(row))
                 continue
             self.tokens_sampled += 1
             slot.tokens.append(token)
-            piece, finish = row.add(token)
             if piece or finish:
                 events.append((row.job, row.index, piece, finish))
             if not row.done:

@@ -45,10 +45,12 @@ class ApiError(Exception):
                           "code": self.code}}
 
 
-
-def _show(value, limit: int = 80) -> str:
+def show(value, limit: int = 80) -> str:
     """A value as an error message may quote it: short, and printable whatever it holds."""
-    text = value if isinstance(value, str) else repr(value)
+    try:
+        text = value if isinstance(value, str) else repr(value)
+    except (RecursionError, ValueError):  # nested deeper than repr goes; an enormous integer
+        text = f"a {type(value).__name__} too large to show"
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -62,14 +64,14 @@ def _number(body: dict, name: str, default: float) -> float:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ApiError(400, f"{name} must be a number, got {_show(value)}", param=name,
+        raise ApiError(400, f"{name} must be a number, got {show(value)}", param=name,
                        code="invalid_type")
     try:
         value = float(value)  # an integer with hundreds of digits overflows here
     except OverflowError:
         value = math.inf
     if not math.isfinite(value):
-        raise ApiError(400, f"{name} must be a finite number, got {_show(value)}", param=name)
+        raise ApiError(400, f"{name} must be a finite number, got {show(value)}", param=name)
     return float(value)
 
 
@@ -79,7 +81,7 @@ def _integer(body: dict, name: str, default: int, *, minimum: int,
     if value is None:
         return default
     if not _is_int(value):
-        raise ApiError(400, f"{name} must be an integer, got {_show(value)}", param=name,
+        raise ApiError(400, f"{name} must be an integer, got {show(value)}", param=name,
                        code="invalid_type")
     if value < minimum or (maximum is not None and value > maximum):
         allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
@@ -93,7 +95,7 @@ def _boolean(body: dict, name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise ApiError(400, f"{name} must be true or false, got {_show(value)}", param=name,
+        raise ApiError(400, f"{name} must be true or false, got {show(value)}", param=name,
                        code="invalid_type")
     return value
 
@@ -106,7 +108,7 @@ def _stops(body: dict) -> tuple[str, ...]:
     if (not isinstance(stops, list) or not all(isinstance(s, str) for s in stops)
             or len(stops) > MAX_STOP_STRINGS):
         raise ApiError(400, f"stop must be a string or a list of up to {MAX_STOP_STRINGS}"
-                       f" strings, got {stop!r}", param="stop")
+                       f" strings, got {show(stop)}", param="stop")
     return tuple(s for s in stops if s)
 
 
@@ -154,7 +156,7 @@ def _prompts(body: dict, gen) -> list[list[int]]:
                                param="prompt")
         else:
             raise ApiError(400, f"each prompt must be a string or a non-empty list of token"
-                           f" ids, got {p!r:.80}", param="prompt")
+                           f" ids, got {show(p)}", param="prompt")
         contexts.append(ids)
     return contexts
 
@@ -179,7 +181,7 @@ def parse_request(body, gen, limits: Limits, model_id: str) -> CompletionRequest
         raise ApiError(400, "the request body must be a JSON object")
     unknown = sorted(body.keys() - _KNOWN_FIELDS)
     if unknown:
-        names = [_show(n) for n in unknown]  # echoed back: any text must encode as JSON
+        names = [show(n) for n in unknown]  # echoed back: any text must encode as JSON
         raise ApiError(400, f"Unrecognized request argument supplied: {', '.join(names)}",
                        param=names[0], code="unknown_parameter")
     for name, allowed in _UNSUPPORTED_AT_DEFAULT.items():
@@ -188,7 +190,7 @@ def parse_request(body, gen, limits: Limits, model_id: str) -> CompletionRequest
                            param=name, code="unsupported_parameter")
     model = body.get("model")
     if model is not None and model != model_id:
-        raise ApiError(404, f"The model {model!r} does not exist; this server has {model_id!r}",
+        raise ApiError(404, f"The model {show(model)} does not exist; this server has {model_id!r}",
                        param="model", code="model_not_found")
     max_tokens = _integer(body, "max_tokens", 16, minimum=1, maximum=limits.max_tokens_limit,
                           hint=" (the server's --max_tokens_limit)")
@@ -197,7 +199,7 @@ def parse_request(body, gen, limits: Limits, model_id: str) -> CompletionRequest
     stops = _stops(body)
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
-        raise ApiError(400, f"seed must be an integer, got {seed!r}", param="seed",
+        raise ApiError(400, f"seed must be an integer, got {show(seed)}", param="seed",
                        code="invalid_type")
     stream = _boolean(body, "stream")
     options = body.get("stream_options")
