@@ -6,6 +6,7 @@ or our trainer load for generation like OpenAI's own files.
 """
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,21 +18,67 @@ from gpt2tf.hparams import HParams
 
 tf1 = tf.compat.v1
 
+# What to do about a damaged checkpoint, unless the caller knows better (a run can say more).
+DEFAULT_FIX = "re-download the model or use another checkpoint"
 
-def list_checkpoint(prefix: str) -> dict[str, list[int]]:
-    """Name -> shape of every tensor in a checkpoint; unreadable files are a UserError."""
+
+def list_checkpoint(prefix: str, *, fix: str = DEFAULT_FIX) -> dict[str, list[int]]:
+    """Name -> shape of every tensor in a checkpoint; unreadable or truncated files are a
+    UserError that ends with `fix` (what the user can do about it)."""
     try:
-        return {name: shape for name, shape in tf.train.list_variables(prefix)}
+        reader = tf.train.load_checkpoint(prefix)
+        shapes = reader.get_variable_to_shape_map()
+        dtypes = reader.get_variable_to_dtype_map()
     except (tf.errors.OpError, ValueError) as e:
         raise UserError(
             f"checkpoint {prefix} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]});"
-            " it is corrupt or incomplete: re-download the model or use another checkpoint"
+            f" it is corrupt or incomplete: {fix}"
         ) from None
+    check_complete(prefix, shapes, dtypes, fix=fix)
+    return {name: list(shape) for name, shape in shapes.items()}
 
 
-def check_compatible(prefix: str, hparams: HParams, names: list[str] | None = None) -> None:
+def data_files(prefix: str) -> list[Path]:
+    """The data shards of a checkpoint that exist: prefix.data-00000-of-0000N ..."""
+    p = Path(prefix)
+    shard = re.compile(re.escape(p.name) + r"\.data-\d{5}-of-\d{5}")
+    if not p.parent.is_dir():
+        return []
+    return sorted(f for f in p.parent.iterdir() if shard.fullmatch(f.name))
+
+
+def check_complete(prefix: str, shapes: dict, dtypes: dict, *, fix: str = DEFAULT_FIX) -> None:
+    """Refuse a checkpoint whose data files hold fewer bytes than its index declares.
+
+    TF's bundle stores each tensor's raw bytes back to back, so the numeric tensors' sizes add
+    up to the data files' size exactly (strings, of unknown length, only make it larger). A file
+    cut short by a full disk or an interrupted copy otherwise restores part of the way and then
+    fails deep in TF (OutOfRangeError, or an IndexError when read with numpy).
+    """
+    need = 0
+    for name, shape in shapes.items():
+        dtype = dtypes.get(name)
+        if dtype is not None and dtype != tf.string:
+            need += int(np.prod(shape, dtype=np.int64)) * dtype.size
+    have = 0
+    for f in data_files(prefix):
+        try:
+            have += f.stat().st_size
+        except OSError:  # vanished meanwhile: counts as missing
+            pass
+    if have < need:
+        raise UserError(
+            f"checkpoint {prefix} is truncated: its data files hold {have:,} of the {need:,}"
+            f" bytes its index declares (cut short by a full disk, a crash or a partial copy):"
+            f" {fix}"
+        )
+
+
+def check_compatible(
+    prefix: str, hparams: HParams, names: list[str] | None = None, *, fix: str = DEFAULT_FIX
+) -> None:
     """Raise UserError unless the checkpoint holds every model weight with hparams' shapes."""
-    found = list_checkpoint(prefix)
+    found = list_checkpoint(prefix, fix=fix)
     expected = model.variable_shapes(hparams)
     for name in names or expected:
         if name not in found:
@@ -55,21 +102,41 @@ def make_saver(variables: list, **kwargs):
     return tf1.train.Saver(var_list=variables, **kwargs)
 
 
-def restore(session, prefix: str, saver, hparams: HParams) -> None:
+def restore(session, prefix: str, saver, hparams: HParams, *, fix: str = DEFAULT_FIX) -> None:
     """Restore the saver's model weights from `prefix` after checking every name and shape."""
-    check_compatible(prefix, hparams)
+    check_compatible(prefix, hparams, fix=fix)
+    restore_saver(session, prefix, saver, fix=fix)
+
+
+def restore_saver(session, prefix: str, saver, *, fix: str = DEFAULT_FIX) -> None:
+    """saver.restore, with TF's errors (a checksum mismatch, a short read) as a UserError."""
     try:
         with session.graph.as_default():  # outside it, TF 2 takes the eager code path
             saver.restore(session, prefix)
     except tf.errors.OpError as e:
         raise UserError(
-            f"cannot restore {prefix}: {str(e).splitlines()[0]}; the files are corrupt"
+            f"cannot restore {prefix} ({type(e).__name__}: {op_error_line(e)}); the checkpoint"
+            f" is corrupt: {fix}"
         ) from None
+
+
+def op_error_line(e: Exception) -> str:
+    """The line of a TF error that says what went wrong.
+
+    A graph-mode error starts with "Graph execution error:" and node names; the cause (say
+    "Read less bytes than requested") is a later line.
+    """
+    noise = ("Graph execution error", "Detected at node", "Node:", "[[", "Original stack", "File ")
+    for line in str(getattr(e, "message", None) or e).splitlines():
+        line = line.strip()
+        if line and not line.startswith(noise):
+            return line
+    return type(e).__name__
 
 
 def read_weights(prefix: str) -> dict[str, np.ndarray]:
     """Every model weight of a checkpoint as numpy arrays (optimizer state left out)."""
-    list_checkpoint(prefix)  # a clear error for unreadable files
+    list_checkpoint(prefix)  # a clear error for unreadable or truncated files
     try:
         reader = tf.train.load_checkpoint(prefix)
         return {
@@ -77,9 +144,10 @@ def read_weights(prefix: str) -> dict[str, np.ndarray]:
             for name in reader.get_variable_to_shape_map()
             if name.startswith("model/") and "/Adam" not in name and "/Momentum" not in name
         }
-    except (tf.errors.OpError, IndexError) as e:  # a data file cut short: IndexError
+    except (tf.errors.OpError, IndexError) as e:  # a damaged data file: IndexError from numpy
         raise UserError(
-            f"cannot read {prefix}: {str(e).splitlines()[0]}; the files are corrupt"
+            f"cannot read {prefix} ({type(e).__name__}: {op_error_line(e)}); the checkpoint is"
+            f" corrupt: {DEFAULT_FIX}"
         ) from None
 
 

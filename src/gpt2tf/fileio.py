@@ -102,6 +102,24 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """`path`, or its nearest existing ancestor: where a folder about to be made would live."""
+    path = Path(path).absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes an unprivileged writer may still use on the filesystem of `path`, or of its
+    nearest existing ancestor (None where that cannot be told)."""
+    path = nearest_existing(path)
+    try:
+        return shutil.disk_usage(path).free  # statvfs f_bavail: what is left for non-root
+    except OSError:
+        return None
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path, "w") as f:
         f.write(text)

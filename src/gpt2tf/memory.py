@@ -20,3 +20,11 @@ def available_bytes() -> int | None:
 
 def gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
+
+
+def size(n: float) -> str:
+    """A byte count for people: 12.3 MiB, 1.5 GiB (gib() is for the sizes of whole models)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"

@@ -84,6 +84,11 @@ class Graph:
             self.set_step = step_var.assign(self.step_value)
             self.init = [tf1.global_variables_initializer(), tf1.local_variables_initializer()]
         self.graph.finalize()
+        # What one checkpoint's tensors take on disk: the room each save needs.
+        self.checkpoint_bytes = sum(
+            v.shape.num_elements() * v.dtype.base_dtype.size
+            for v in self.step.model_variables + [step_var] + opt_vars
+        )
         self.names = {
             "step": checkpoints.var_name(step_var),
             "optimizer": [checkpoints.var_name(v) for v in opt_vars],
@@ -164,22 +169,23 @@ class Trainer:
     def restore(self) -> None:
         plan, s = self.plan, self.session
         s.run(self.g.init)
-        checkpoints.restore(s, plan.source_prefix, self.g.model_saver, plan.hparams)
+        checkpoints.restore(s, plan.source_prefix, self.g.model_saver, plan.hparams,
+                            fix=plan.fix)
         _say(f"Loading checkpoint {plan.source_prefix}")
         if not plan.resume:
             return
-        names = set(checkpoints.list_checkpoint(plan.source_prefix))
+        names = set(checkpoints.list_checkpoint(plan.source_prefix, fix=plan.fix))
         side = run_state.read_side_state(plan.source_prefix)
         with self.g.graph.as_default():
             if self.g.names["step"] in names:
-                self.g.step_saver.restore(s, plan.source_prefix)
+                checkpoints.restore_saver(s, plan.source_prefix, self.g.step_saver, fix=plan.fix)
             else:  # gpt-2-simple's run: its step is in `counter` or the file name
                 step = (side or {}).get("step") or run_state.read_counter(plan.run_dir)
                 step = step or run_state.step_of(plan.source_prefix) or 0
                 s.run(self.g.set_step, {self.g.step_value: step})
             opt = self.g.names["optimizer"]
             if self.g.opt_saver is not None and all(n in names for n in opt):
-                self.g.opt_saver.restore(s, plan.source_prefix)
+                checkpoints.restore_saver(s, plan.source_prefix, self.g.opt_saver, fix=plan.fix)
             elif opt:
                 log.warning(
                     "%s holds no %s state (written by another tool or with another"
@@ -221,6 +227,13 @@ class Trainer:
         self.start_step = int(self.session.run(self.g.step.global_step))
         replace_files = plan.replace_run and not plan.resume
         old_events = sorted(run_dir.glob("events.out.tfevents.*")) if plan.replace_run else []
+        # A kill -9 or a full disk mid-save left these (as large as a checkpoint); no save of
+        # ours is under way yet. Then refuse, before writing anything, a disk too full to save.
+        for f in run_state.remove_leftovers(run_dir):
+            _say(f"Removed {f}, left by an interrupted save")
+        latest = plan.source_prefix if plan.resume else None
+        run_state.check_free_space(run_dir, self.g.checkpoint_bytes,
+                                   what="train (no checkpoint would fit)", latest=latest)
         if not run_dir.exists():
             # A new run appears with its hparams, vocabulary and config, or not at all.
             with fileio.publish_dir(run_dir, make_parents=True) as tmp:
@@ -229,7 +242,7 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoints = run_state.RunCheckpoints(
             run_dir, self.g.saver, max_checkpoints=self.cfg.max_checkpoints,
-            replace_others=plan.replace_run,
+            replace_others=plan.replace_run, checkpoint_bytes=self.g.checkpoint_bytes,
         )
         if plan.resume:
             self.checkpoints.remove_orphans_after(self.start_step)

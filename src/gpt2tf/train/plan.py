@@ -26,6 +26,7 @@ class Plan:
     source: ModelSource  # hparams.json and the vocabulary come from here
     source_prefix: str  # the checkpoint whose weights training starts from
     resume: bool  # continue this run: step, optimizer state and data order from source_prefix
+    fix: str  # what to do if source_prefix turns out damaged (ends its UserError)
     replace_run: bool  # --overwrite over existing checkpoints: delete them after our first save
     hparams: object
     encoder: object
@@ -68,7 +69,9 @@ def plan_run(
         else:
             source, prefix = _source_of(restore_from)
     hparams, encoder = source.hparams, source.encoder
-    checkpoints.check_compatible(prefix, hparams)
+    # A damaged checkpoint of the run itself: say how to continue (an earlier one, or afresh).
+    fix = run_state.resume_fix(run_dir, prefix) if resume else checkpoints.DEFAULT_FIX
+    checkpoints.check_compatible(prefix, hparams, fix=fix)
     stored = None
     if resume and (run_dir / paths.TRAIN_CONFIG).is_file():
         try:
@@ -78,7 +81,7 @@ def plan_run(
         if not isinstance(stored, dict):
             raise UserError(f"{run_dir / paths.TRAIN_CONFIG} is not a JSON object")
     return Plan(
-        run_dir=run_dir, source=source, source_prefix=prefix, resume=resume,
+        run_dir=run_dir, source=source, source_prefix=prefix, resume=resume, fix=fix,
         replace_run=overwrite and latest is not None, hparams=hparams, encoder=encoder,
         stored=stored,
     )

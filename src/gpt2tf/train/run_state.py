@@ -13,6 +13,10 @@ The order of a save is what makes a run survive kill -9 at any moment:
 A crash before 3 leaves `checkpoint` naming the previous, complete checkpoint (a half-written
 model-<step> is ignored and overwritten by the next save of that step). A crash after 3 leaves
 the new one complete. Disk full at any point is a UserError, and the previous checkpoint stays.
+
+What an interrupted save leaves besides (TF's `*.tempstate<n>` files, which can be as large as
+the checkpoint and keep a full disk full) is removed when a run resumes and before each save,
+and a save first checks that the disk has room for the whole checkpoint.
 """
 
 import contextlib
@@ -36,6 +40,19 @@ _CKPT_FILE = re.compile(
     r"(\.index|\.meta|\.data-\d{5}-of-\d{5}|" + re.escape(STATE_SUFFIX) + r")$"
 )
 _STEP = re.compile(r"-(\d+)$")
+# Files of a save that never finished. TF's Saver (a BundleWriter) writes
+# <prefix>.data-00000-of-00001.tempstate<n> and <prefix>.index.tempstate<n> and renames them at
+# its end; a sharded Saver writes into <prefix>_temp/ (or _temp_<hex>/); fileio.atomic_open
+# writes .<name>.<random>.tmp beside the file it replaces.
+_CKPT_NAME = r"(?:model(?:-replaced)?(?:-\d+)?|model\.ckpt(?:-\d+)?)"
+_TEMP_FILE = re.compile(
+    _CKPT_NAME + r"(?:\.index|\.data-\d{5}-of-\d{5})\.tempstate\d+"
+    r"|\.(?:" + _CKPT_NAME + re.escape(STATE_SUFFIX)
+    + r"|checkpoint|counter|hparams\.json|encoder\.json|vocab\.bpe|train_config\.json"
+    r"|metrics\.jsonl)\.[A-Za-z0-9_]+\.tmp"
+)
+_TEMP_DIR = re.compile(_CKPT_NAME + r"_temp(?:_[0-9a-f]+)?")
+SAVE_MARGIN = 1 << 20  # beyond the tensors: the .index, the side file, `checkpoint`, `counter`
 
 
 def step_of(prefix: str) -> int | None:
@@ -63,16 +80,40 @@ def checkpoint_state(run_dir: Path) -> tuple[str | None, list[str]]:
 
 
 def latest_committed(run_dir: Path) -> str | None:
-    """The complete checkpoint `checkpoint` names in a run directory, or None if there is none."""
+    """The complete checkpoint `checkpoint` names in a run directory, or None if there is none.
+
+    When the files of the one it names are gone (the user deleted a damaged checkpoint, as
+    `resume_fix` suggests), the newest earlier one it records is the latest.
+    """
     if not (run_dir / paths.CKPT_STATE).is_file():
         return None
-    latest, _ = checkpoint_state(run_dir)
+    latest, recorded = checkpoint_state(run_dir)
     if latest and Path(latest).resolve().parent != Path(run_dir).resolve():
         raise UserError(f"{run_dir / paths.CKPT_STATE} names {latest}, outside the run: a run"
                         " resumes only from its own checkpoints; fix that file")
     if latest and Path(latest + ".index").is_file():
         return latest
+    own = Path(run_dir).resolve()
+    for prefix in reversed(recorded):
+        if Path(prefix).resolve().parent == own and Path(prefix + ".index").is_file():
+            return prefix
     return None
+
+
+def resume_fix(run_dir: Path, prefix: str) -> str:
+    """What to do when the checkpoint a run resumes from is damaged (the end of the error)."""
+    from gpt2tf import checkpoints
+
+    _, recorded = checkpoint_state(run_dir)
+    for earlier in reversed([p for p in recorded if p != prefix]):
+        try:
+            checkpoints.list_checkpoint(earlier)  # complete, by its index and data files' size
+        except UserError:
+            continue
+        return (f"delete {prefix}.* and resume again: the run then continues from its earlier"
+                f" checkpoint {os.path.basename(earlier)}")
+    return ("the run keeps no earlier checkpoint: restore the file from a backup, or start the"
+            " run over with --restore_from fresh --overwrite")
 
 
 def checkpoint_files(run_dir: Path) -> dict[str, list[Path]]:
@@ -116,6 +157,50 @@ def read_counter(run_dir: Path) -> int | None:
         return None
 
 
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete what interrupted saves left in run_dir (see _TEMP_FILE); the paths removed.
+
+    Call it only while this process is not saving: then no file of the pattern belongs to a
+    live save (one trainer per run directory; saves are synchronous).
+    """
+    import shutil
+
+    removed = []
+    if not run_dir.is_dir():
+        return removed
+    for f in run_dir.iterdir():
+        if _TEMP_FILE.fullmatch(f.name) and not f.is_symlink() and f.is_file():
+            _remove([f])
+            removed.append(f)
+        elif _TEMP_DIR.fullmatch(f.name) and not f.is_symlink() and f.is_dir():
+            shutil.rmtree(f, ignore_errors=True)
+            removed.append(f)
+    return removed
+
+
+def check_free_space(run_dir: Path, tensor_bytes: int, *, what: str, latest: str | None) -> None:
+    """A UserError unless the disk of run_dir has room for a checkpoint of tensor_bytes.
+
+    TF writes the whole data file before it renames it into place, and the previous checkpoint
+    goes only after the commit point, so a save needs its full size free.
+    """
+    from gpt2tf import memory
+
+    need = tensor_bytes + tensor_bytes // 100 + SAVE_MARGIN
+    have = fileio.free_bytes(run_dir)
+    if have is None or have >= need:
+        return
+    if latest:
+        then = (f"the latest checkpoint {latest} is intact: free {memory.size(need - have)} or"
+                " more and resume with --restore_from latest")
+    else:
+        then = f"nothing was saved: free {memory.size(need - have)} or more and try again"
+    raise UserError(
+        f"not enough disk space to {what}: a checkpoint needs about {memory.size(need)} and"
+        f" {fileio.nearest_existing(run_dir)} has {memory.size(have)} free; {then}"
+    )
+
+
 def _remove(files) -> None:
     for f in files:
         with contextlib.suppress(FileNotFoundError):
@@ -125,9 +210,12 @@ def _remove(files) -> None:
 class RunCheckpoints:
     """Saves and prunes model-<step> checkpoints of one run directory (see the module doc)."""
 
-    def __init__(self, run_dir: Path, saver, *, max_checkpoints: int, replace_others: bool):
+    def __init__(self, run_dir: Path, saver, *, max_checkpoints: int, replace_others: bool,
+                 checkpoint_bytes: int = 0):
         self.run_dir = Path(run_dir)
         self.saver = saver
+        # The tensors the saver writes (weights, step, optimizer slots): room checked per save.
+        self.checkpoint_bytes = checkpoint_bytes
         self.max_checkpoints = max_checkpoints
         # --overwrite: after the first save, checkpoints this process did not write go.
         self.replace_others = replace_others
@@ -137,18 +225,27 @@ class RunCheckpoints:
 
     def save(self, session, step: int, side_state: dict) -> str:
         prefix = str(self.run_dir / f"{RUN_PREFIX}-{step}")
+        for f in remove_leftovers(self.run_dir):
+            log.info("removed %s, left by an interrupted save", f)
+        self.check_free_space(f"save checkpoint {prefix}")
         try:
             self._write(session, step, prefix, side_state)
         except OSError as e:
+            remove_leftovers(self.run_dir)  # a failed save's temp files would keep the disk full
             raise self._save_error(prefix, e) from None
         except Exception as e:  # tf.errors.OpError: the type lives in TF, imported lazily
             import tensorflow as tf
 
             if isinstance(e, tf.errors.OpError):
+                remove_leftovers(self.run_dir)
                 raise self._save_error(prefix, e) from None
             raise
         self._after_commit(prefix)
         return prefix
+
+    def check_free_space(self, what: str) -> None:
+        check_free_space(self.run_dir, self.checkpoint_bytes, what=what,
+                         latest=self.kept[-1] if self.kept else None)
 
     def _save_error(self, prefix: str, e: Exception) -> UserError:
         latest = self.kept[-1] if self.kept else None
