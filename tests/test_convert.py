@@ -412,6 +412,45 @@ def test_from_hf_pytorch_bin_is_never_unpickled(tiny_hf, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("file", ["config.json", "vocab.json", "model.safetensors.index.json"])
+def test_from_hf_deeply_nested_json_is_refused(tiny_hf, tmp_path, file):
+    hf = copy_hf(tiny_hf, tmp_path / "hf")
+    if file == "model.safetensors.index.json":
+        (hf / "model.safetensors").unlink()
+    (hf / file).write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    with pytest.raises(UserError, match="nested too deeply"):
+        convert.from_hf(hf, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_from_hf_absurd_n_layer_fails_before_reading_any_weight(tiny_hf, tmp_path, monkeypatch):
+    """The safetensors headers hold 2 blocks: n_layer=100000 is refused from them alone."""
+    import time
+
+    hf = copy_hf(tiny_hf, tmp_path / "hf", config={"n_layer": 100_000})
+
+    def read(path):
+        raise AssertionError(f"read {path} before checking its shapes")
+
+    monkeypatch.setattr(convert, "read_safetensors", read)
+    started = time.perf_counter()
+    with pytest.raises(UserError, match=r"hold 2 of the blocks .*lack h\.2\..*n_layer=100000"):
+        convert.from_hf(hf, tmp_path / "out")
+    assert time.perf_counter() - started < 5  # it took 21 s and 3 GB
+    assert not (tmp_path / "out").exists()
+
+
+def test_from_hf_model_too_large_for_memory_is_refused_before_reading(tiny_hf, tmp_path,
+                                                                     monkeypatch):
+    from gpt2tf import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 100_000)
+    monkeypatch.setattr(convert, "read_hf_vocab", lambda *a: pytest.fail("read the vocabulary"))
+    with pytest.raises(UserError, match=r"needs about .* to convert; 0\.0 GiB is available"):
+        convert.from_hf(tiny_hf, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_from_hf_needs_tokenizer_files(tiny_hf, tmp_path):
     hf = copy_hf(tiny_hf, tmp_path / "hf")
     (hf / "merges.txt").unlink()
@@ -438,6 +477,53 @@ def test_cli_takes_numeric_folder_names(tiny_hf, tmp_path, monkeypatch, capsys):
     assert run_main(["convert", "from-hf", str(tiny_hf), "124"], capsys)[0] == 0
     assert run_main(["convert", "to-hf", "124", "355"], capsys)[0] == 0
     assert (tmp_path / "355" / "model.safetensors").is_file()
+
+
+def _damaged_copy(model_dir: Path, dst: Path, how: str) -> Path:
+    import shutil
+
+    shutil.copytree(model_dir, dst)
+    data = dst / "model.ckpt.data-00000-of-00001"
+    raw = data.read_bytes()
+    if how == "truncated":
+        data.write_bytes(raw[: len(raw) // 2])
+    else:  # the right size, wrong bytes: TF's checksum catches it
+        data.write_bytes(raw[:100] + bytes(b ^ 0xFF for b in raw[100:200]) + raw[200:])
+    return dst
+
+
+@pytest.mark.parametrize("how, needle", [("truncated", "is truncated: its data files hold"),
+                                         ("flipped", "Checksum does not match")])
+def test_cli_to_hf_on_a_damaged_checkpoint(tiny_dir, tmp_path, how, needle):
+    """A subprocess, as a user runs it: one line, exit 1, no out dir (it was an IndexError)."""
+    bad = _damaged_copy(tiny_dir, tmp_path / "bad", how)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from gpt2tf.cli import main; sys.exit(main())",
+         "convert", "to-hf", str(bad), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_read_weights_of_a_damaged_checkpoint_is_a_user_error(tiny_dir, tmp_path):
+    for how in ("truncated", "flipped"):
+        bad = _damaged_copy(tiny_dir, tmp_path / how, how)
+        with pytest.raises(UserError, match="the checkpoint is corrupt|is truncated"):
+            checkpoints.read_weights(str(bad / "model.ckpt"))
+
+
+def test_cli_from_hf_deeply_nested_config_is_one_line(tiny_hf, tmp_path, capsys):
+    hf = copy_hf(tiny_hf, tmp_path / "hf")
+    (hf / "config.json").write_text('{"model_type": "gpt2", "n_embd": ' + "[" * 100_000
+                                    + "]" * 100_000 + "}", encoding="utf-8")
+    rc, err = run_main(["convert", "from-hf", str(hf), str(tmp_path / "o")], capsys)
+    assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "nested too deeply" in err and not (tmp_path / "o").exists()
 
 
 def test_cli_errors_are_one_line_and_leave_nothing(tiny_dir, tiny_hf, tmp_path, capsys):

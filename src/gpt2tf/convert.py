@@ -218,8 +218,14 @@ def from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir)
     fileio.check_new_dir(out_dir)
     hparams = hparams_from_config(hf_dir / HF_CONFIG)
+    files, read = weight_files(hf_dir)
+    # A config.json that disagrees with the weights (n_layer=100000 over 2 blocks) fails here,
+    # from safetensors' headers, before any tensor is read or any graph built.
+    if read is read_safetensors:
+        check_weight_shapes(declared_shapes(files), hparams, source=str(hf_dir))
+    check_memory(hparams, hf_dir / HF_CONFIG)
     vocab = read_hf_vocab(hf_dir, hparams)
-    weights = openai_weights(read_hf_tensors(hf_dir), hparams, source=str(hf_dir))
+    weights = openai_weights(read_tensors(files, read), hparams, source=str(hf_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return checkpoints.write_model_dir(out_dir, hparams, weights, vocab)
 
@@ -232,6 +238,9 @@ def hparams_from_config(path: Path) -> HParams:
         raise UserError(f"{path} not found: is this a HuggingFace model directory?") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise UserError(f"{path} is nested too deeply to be a model config (a JSON object of"
+                        " settings): re-download it from the model's repository") from None
     if not isinstance(config, dict):
         raise UserError(f"{path}: expected a JSON object")
     model_type = config.get("model_type")
@@ -315,15 +324,39 @@ def openai_spelling(encoder_json: bytes) -> bytes:
     """
     try:
         canonical = json.dumps(json.loads(encoder_json.decode("utf-8"))).encode("utf-8")
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return encoder_json  # Encoder.from_bytes reports it
     if hashlib.sha256(canonical).hexdigest() == GPT2_ENCODER_SHA256:
         return canonical
     return encoder_json
 
 
+def check_memory(hparams: HParams, config: Path) -> None:
+    """Refuse a model that cannot be converted in this machine's memory, before reading it.
+
+    The weights are held three times at the peak: as read, as the graph's variables and as
+    the Saver's copy (the estimate init_model_dir uses). Past MemAvailable the kernel would kill
+    the process instead of raising.
+    """
+    from gpt2tf import memory
+
+    need = 3 * 4 * hparams.n_params
+    have = memory.available_bytes()
+    if have is not None and need > have:
+        raise UserError(
+            f"{config} declares a model of {hparams.n_params:,} weights ({hparams}), which needs"
+            f" about {memory.gib(need)} to convert; {memory.gib(have)} is available: check its"
+            " n_layer, n_embd, n_positions and vocab_size, or convert on a larger machine"
+        )
+
+
 def read_hf_tensors(hf_dir: Path) -> dict[str, np.ndarray]:
     """Every tensor of the directory's weights file(s) as float32 numpy arrays."""
+    return read_tensors(*weight_files(hf_dir))
+
+
+def weight_files(hf_dir: Path) -> tuple[list[Path], object]:
+    """(the directory's weight files, the function that reads one of them)."""
     choices = ((HF_WEIGHTS_INDEX, HF_WEIGHTS), (HF_TORCH_WEIGHTS_INDEX, HF_TORCH_WEIGHTS))
     for index, weights in choices:  # safetensors first: it needs no PyTorch and runs no code
         if (hf_dir / weights).is_file():
@@ -332,15 +365,33 @@ def read_hf_tensors(hf_dir: Path) -> dict[str, np.ndarray]:
             files = shard_files(hf_dir / index)
         else:
             continue
-        read = read_safetensors if weights == HF_WEIGHTS else read_torch_bin
-        tensors = {}
-        for f in files:
-            tensors.update(read(f))
-        return tensors
+        return files, read_safetensors if weights == HF_WEIGHTS else read_torch_bin
     raise UserError(
         f"{hf_dir} has no {HF_WEIGHTS} or {HF_TORCH_WEIGHTS}:"
         " is this a HuggingFace model directory?"
     )
+
+
+def read_tensors(files: list[Path], read) -> dict[str, np.ndarray]:
+    tensors = {}
+    for f in files:
+        tensors.update(read(f))
+    return tensors
+
+
+def declared_shapes(files: list[Path]) -> dict[str, list[int]]:
+    """Name -> shape of every tensor in safetensors files, from their headers (no data read)."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="np") as f:
+                for key in f.keys():
+                    shapes[key] = list(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"cannot read {path}: {e}") from None
+    return shapes
 
 
 def shard_files(index: Path) -> list[Path]:
@@ -349,6 +400,8 @@ def shard_files(index: Path) -> list[Path]:
         names = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # ValueError: bad JSON
         raise UserError(f"cannot read the shard index {index}: {e}") from None
+    except RecursionError:  # nested deeper than json's parser recurses
+        raise UserError(f"cannot read the shard index {index}: it is nested too deeply") from None
     for name in names:
         if Path(name).name != name:  # the index must not point outside the directory
             raise UserError(f"{index} names the shard {name!r}, which is not a plain file name")
@@ -429,37 +482,13 @@ def openai_weights(
     tensors: dict[str, np.ndarray], hparams: HParams, *, source: str
 ) -> dict[str, np.ndarray]:
     """HF state dict (with or without the `transformer.` prefix) -> OpenAI checkpoint weights."""
-    by_name = {}
-    for key, value in tensors.items():
-        if key.endswith(IGNORED_SUFFIXES) or key == LM_HEAD:
-            continue
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        if name in by_name:
-            raise UserError(f"{source}: {name} appears twice (with and without {PREFIX!r})")
-        by_name[name] = value
-
-    weights = {}
-    for name, shape in expected_shapes(hparams).items():
-        key = hf_name(name)[len(PREFIX):]
-        if key not in by_name:
-            raise UserError(
-                f"{source}: the weights lack {key}; {HF_CONFIG} (n_layer={hparams.n_layer})"
-                " does not match them, or this is not a GPT-2 model"
-            )
-        w = by_name.pop(key)
-        hf_shape = shape[1:] if len(shape) == 3 else shape
-        if list(w.shape) != hf_shape:
-            raise UserError(
-                f"{source}: {key} has shape {list(w.shape)}, but {HF_CONFIG} implies {hf_shape}"
-            )
-        weights[name] = w.reshape(shape)
-    if by_name:
-        extra = sorted(by_name)
-        raise UserError(
-            f"{source}: weights {extra[:3]}{' ...' if len(extra) > 3 else ''} have no place in"
-            " GPT-2's language model (a different head or architecture?)"
-        )
-
+    by_name = check_weight_shapes(
+        {key: list(value.shape) for key, value in tensors.items()}, hparams, source=source
+    )
+    weights = {
+        name: tensors[by_name[hf_name(name)[len(PREFIX):]]].reshape(shape)
+        for name, shape in expected_shapes(hparams).items()
+    }
     head = tensors.get(LM_HEAD)
     if head is not None and not np.array_equal(head, weights["model/wte"]):
         # OpenAI's graph computes logits with wte itself; a separate head cannot be kept.
@@ -468,3 +497,51 @@ def openai_weights(
             " OpenAI's GPT-2 layout ties them, so this model cannot be converted"
         )
     return weights
+
+
+def check_weight_shapes(
+    shapes: dict[str, list[int]], hparams: HParams, *, source: str
+) -> dict[str, str]:
+    """Check HF tensor names and shapes against hparams; the HF key of each GPT-2 weight
+    (its name without `transformer.`)."""
+    by_name = {}
+    for key in shapes:
+        if key.endswith(IGNORED_SUFFIXES) or key == LM_HEAD:
+            continue
+        name = key.removeprefix(PREFIX)
+        if name in by_name:
+            raise UserError(f"{source}: {name} appears twice (with and without {PREFIX!r})")
+        by_name[name] = key
+    # Count the blocks before listing n_layer's names: an absurd n_layer then costs nothing.
+    blocks = {name.split(".")[1] for name in by_name if name.startswith("h.")}
+    if hparams.n_layer > len(blocks):
+        first = next(i for i in range(hparams.n_layer) if str(i) not in blocks)
+        raise UserError(
+            f"{source}: the weights hold {len(blocks)} of the blocks h.0 ..."
+            f" h.{hparams.n_layer - 1} (they lack h.{first}.*) but {HF_CONFIG} says"
+            f" n_layer={hparams.n_layer}: it does not match them, or this is not a GPT-2 model"
+        )
+
+    out = {}
+    for name, shape in expected_shapes(hparams).items():
+        key = hf_name(name)[len(PREFIX):]
+        if key not in by_name:
+            raise UserError(
+                f"{source}: the weights lack {key}; {HF_CONFIG} (n_layer={hparams.n_layer})"
+                " does not match them, or this is not a GPT-2 model"
+            )
+        full = by_name.pop(key)
+        hf_shape = shape[1:] if len(shape) == 3 else shape
+        if list(shapes[full]) != hf_shape:
+            raise UserError(
+                f"{source}: {key} has shape {list(shapes[full])}, but {HF_CONFIG} implies"
+                f" {hf_shape}"
+            )
+        out[key] = full
+    if by_name:
+        extra = sorted(by_name)
+        raise UserError(
+            f"{source}: weights {extra[:3]}{' ...' if len(extra) > 3 else ''} have no place in"
+            " GPT-2's language model (a different head or architecture?)"
+        )
+    return out

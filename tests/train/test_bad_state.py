@@ -13,9 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_helpers import base_args, latest_name, make_models_dir, snapshot, train, write_text_data
-
 from tiny import REPO
+from train_helpers import (
+    base_args,
+    latest_name,
+    make_models_dir,
+    snapshot,
+    train,
+    write_text_data,
+)
 
 DATA = "model-{}.data-00000-of-00001"
 GPT2TF = [sys.executable, "-c", "import sys; from gpt2tf.cli import main; sys.exit(main())"]
@@ -23,8 +29,9 @@ TRAIN = [sys.executable, str(REPO / "train.py")]
 
 
 def _run(argv, cwd):
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"})
+                          check=False, timeout=300, env=env)
     return proc.returncode, proc.stderr
 
 
@@ -86,7 +93,8 @@ def test_the_advice_for_a_truncated_checkpoint_works(run, tmp_path, made, capsys
     _cut(run / DATA.format(2), 1000)
     code, _, err = train(_resume_args(tmp_path), capsys)
     assert code == 1
-    _one_line(code, err, f"delete {run / 'model-2'}.* and resume again", "earlier checkpoint model-1")
+    _one_line(code, err, f"delete {run / 'model-2'}.* and resume again",
+              "earlier checkpoint model-1")
     for f in run.glob("model-2.*"):
         f.unlink()
     code, out, err = train(_resume_args(tmp_path), capsys)
