@@ -17,32 +17,12 @@ torch = reference("torch")
 transformers = reference("transformers")
 
 from gpt2tf import checkpoints, convert, encoder, model  # noqa: E402
-from gpt2tf.hparams import HParams  # noqa: E402
-from tiny import TINY  # noqa: E402
+from tiny import TINY, random_weights  # noqa: E402
 from gpt2tf.decode.engine import SamplingParams
 from gpt2tf.decode.generator import Generator  # noqa: E402
 
 ATOL = 1e-4  # float32 through two frameworks' kernels; real bugs are orders of magnitude larger
 GREEDY = SamplingParams(top_k=1)
-
-
-def random_weights(hparams: HParams, seed: int) -> dict[str, np.ndarray]:
-    """Random values for every weight, scaled so logits are well separated (greedy ties between
-    two frameworks' rounding are then vanishingly unlikely)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in model.variable_shapes(hparams).items():
-        leaf = name.rsplit("/", 1)[1]
-        noise = rng.standard_normal(shape).astype(np.float32)
-        if leaf == "g":
-            out[name] = 1.0 + 0.2 * noise
-        elif leaf == "b":
-            out[name] = 0.1 * noise
-        elif leaf in ("wte", "wpe"):
-            out[name] = 0.5 * noise
-        else:
-            out[name] = 0.2 * noise
-    return out
 
 
 @pytest.fixture(scope="module")

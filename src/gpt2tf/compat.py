@@ -124,10 +124,10 @@ _GENERATE = ("run_name", "checkpoint_dir", "model_name", "models_dir", "sample_d
              "include_prefix")
 
 
-@_api(_GENERATE)
+@_api(_GENERATE, keyword_only=S.STEERING)
 def generate(*, sess, run_name, checkpoint_dir, model_name, models_dir, sample_dir,
              return_as_list, truncate, destination_path, sample_delim, prefix, seed, nsamples,
-             batch_size, length, temperature, top_k, top_p, include_prefix):
+             batch_size, length, temperature, top_k, top_p, include_prefix, **steering):
     """Generate text from the session's model (loading it from the arguments if none is)."""
     from gpt2tf.decode import generator, text
 
@@ -137,7 +137,7 @@ def generate(*, sess, run_name, checkpoint_dir, model_name, models_dir, sample_d
     texts = generator.generate_texts(
         gen, prefix=prefix, nsamples=nsamples, batch_size=batch_size or 1, length=length,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, truncate=truncate,
-        include_prefix=include_prefix,
+        include_prefix=include_prefix, **steering,
     )
     if destination_path:
         text.write_samples(destination_path, texts, sample_delim)

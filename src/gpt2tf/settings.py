@@ -81,6 +81,10 @@ class Setting:
             if not math.isfinite(value):
                 raise FieldError(self.name, f"must be a finite number, got {value!r}")
             return self._bounded(value)
+        if self.type is tuple:
+            return self._texts(value)
+        if self.type is dict:
+            return self._token_biases(value)
         # str
         if not isinstance(value, str):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -94,6 +98,35 @@ class Setting:
                 self.name, f"is a URL ({value}); remote storage is not supported: give a"
                 " local folder (copy the files there first)")
         return value
+
+    def _texts(self, value) -> tuple[str, ...]:
+        """A list of non-empty texts (a single text is a list of one) -> a tuple."""
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise FieldError(self.name, f"must be a list of texts, got {value!r}")
+        for item in items:
+            if not isinstance(item, str) or not item:
+                raise FieldError(self.name, f"entries must be non-empty texts, got {item!r}")
+        return tuple(x for x in items if x)
+
+    def _token_biases(self, value) -> tuple[tuple[int, float], ...]:
+        """{token id: bias} (ids may be strings of digits, as JSON keys are) -> sorted pairs."""
+        if isinstance(value, tuple):  # already checked (a dataclass copied with replace())
+            value = dict(value)
+        if not isinstance(value, dict):
+            raise FieldError(self.name, f"must map token ids to numbers, got {value!r}")
+        out = {}
+        for key, bias in value.items():
+            if isinstance(key, str) and re.fullmatch(r"\d{1,9}", key):
+                key = int(key)
+            if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or key < 0:
+                raise FieldError(self.name, f"keys must be token ids, got {key!r}")
+            if isinstance(bias, bool) or not _is_number(bias) or not \
+                    self.low <= float(bias) <= self.high:
+                raise FieldError(self.name, f"values must be numbers {self.bound_text()}, got"
+                                 f" {bias!r} for token {key}")
+            out[int(key)] = float(bias)
+        return tuple(sorted(out.items()))
 
     def _bounded(self, value):
         lo_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
@@ -169,6 +202,9 @@ TOP_K = S("top_k", int, 0, "sample from the k most likely tokens; 0 turns it off
 TOP_P = S("top_p", float, 0.0, "sample from the most likely tokens covering probability p;"
           " 0 (or 1) turns it off", low=0, high=1)
 PREFIX = S("prefix", str, "", "text the samples continue; empty: unconditional", text=True)
+PREFIX_FILE = S("prefix_file", str, "", "many prompts, --nsamples each, batched together: a"
+                " file with one per line, or a .jsonl with the text in --field", local_path=True)
+PROMPT_FIELD = S("field", str, "text", "the .jsonl field of --prefix_file holding the prompt")
 TRUNCATE = S("truncate", str, "", "cut each sample at the first occurrence of this text",
              text=True)
 INCLUDE_PREFIX = S("include_prefix", bool, True, "start each sample with the prefix")
@@ -179,11 +215,34 @@ SAMPLE_DELIM = S("sample_delim", str, "=" * 20 + "\n", "text written between sam
 STOP_AT_EOT = S("stop_at_eot", bool, True, "end a sample at <|endoftext|>")
 DECODE_PRECISION = S("precision", str, "fp32", "weights generation reads: fp32 (exact), int8"
                      " (per-channel, fastest) or bf16", choices=("fp32", "int8", "bf16"))
-SAMPLING = (TEMPERATURE, TOP_K, TOP_P)
-GENERATE = (SEED, NSAMPLES, BATCH_SIZE, LENGTH, TEMPERATURE, TOP_K, TOP_P, PREFIX, TRUNCATE,
-            INCLUDE_PREFIX, DESTINATION_PATH, SAMPLE_DELIM, STOP_AT_EOT, DECODE_PRECISION)
+# Steering: each changes the logits before temperature and filtering; the defaults are off.
+# transformers' processors (repetition_penalty, no_repeat_ngram_size, min_length, bad_words)
+# and OpenAI's (presence_penalty, frequency_penalty, logit_bias), with their semantics.
+REPETITION_PENALTY = S("repetition_penalty", float, 1.0, "divide the positive logits and"
+                       " multiply the negative ones of every token already in the text (prompt"
+                       " included), as transformers does; 1 turns it off", low=0, low_open=True)
+NO_REPEAT_NGRAM_SIZE = S("no_repeat_ngram_size", int, 0, "never produce an n-gram of this many"
+                         " tokens that the text (prompt included) already has; 0 turns it off",
+                         low=0)
+MIN_LENGTH = S("min_length", int, 0, "no <|endoftext|> before this many new tokens"
+               " (transformers' min_new_tokens)", low=0)
+BAD_WORDS = S("bad_words", tuple, (), "texts never produced (each as it is encoded: mind the"
+              " leading space); on the command line a JSON list or texts separated by |",
+              text=True, metavar="TEXTS")
+PRESENCE_PENALTY = S("presence_penalty", float, 0.0, "subtracted from the logit of every token"
+                     " already generated, as OpenAI's", low=-2, high=2)
+FREQUENCY_PENALTY = S("frequency_penalty", float, 0.0, "subtracted from a token's logit once per"
+                      " time it was generated, as OpenAI's", low=-2, high=2)
+LOGIT_BIAS = S("logit_bias", dict, (), "{token id: bias} added to the logits, as OpenAI's"
+               " (-100 bans a token, 100 forces it)", low=-100, high=100, metavar="JSON")
+STEERING = (REPETITION_PENALTY, NO_REPEAT_NGRAM_SIZE, MIN_LENGTH, BAD_WORDS, PRESENCE_PENALTY,
+            FREQUENCY_PENALTY, LOGIT_BIAS)
+SAMPLING = (TEMPERATURE, TOP_K, TOP_P) + STEERING
+GENERATE = (SEED, NSAMPLES, BATCH_SIZE, LENGTH, TEMPERATURE, TOP_K, TOP_P, PREFIX,
+            PREFIX_FILE, PROMPT_FIELD, TRUNCATE, INCLUDE_PREFIX, DESTINATION_PATH, SAMPLE_DELIM, STOP_AT_EOT,
+            DECODE_PRECISION) + STEERING
 INTERACTIVE = (SEED, NSAMPLES, BATCH_SIZE, LENGTH, TEMPERATURE, TOP_K, TOP_P, STOP_AT_EOT,
-               DECODE_PRECISION)
+               DECODE_PRECISION) + STEERING
 
 # Reading text.
 ENCODING = S("encoding", str, "utf-8", "text encoding of the input files (a Python codec name)")

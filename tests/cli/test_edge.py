@@ -87,7 +87,7 @@ def test_help_is_plain_and_describes_every_flag(script, tmp_path):
             line = next(x for x in out.splitlines() if x.strip().startswith(
                 f"--[no]{s.name}" if s.type is bool else f"--{s.name} "))
             assert s.help in line
-            if s.default not in (None, "", settings.REQUIRED):
+            if s.default not in (None, "", (), settings.REQUIRED):
                 assert "default:" in line
 
 

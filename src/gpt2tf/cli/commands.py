@@ -11,6 +11,7 @@ import threading
 
 from gpt2tf import settings as S
 from gpt2tf.cli.flags import Command
+from gpt2tf.errors import FieldError
 from gpt2tf.quiet import import_tensorflow
 from gpt2tf.source import ModelSource
 
@@ -76,12 +77,21 @@ def train(*, given: set, **values):
 
 
 def generate(*, model_name, models_dir, run_name, checkpoint_dir, seed, nsamples, batch_size,
-             length, temperature, top_k, top_p, prefix, truncate, include_prefix,
-             destination_path, sample_delim, stop_at_eot, precision):
+             length, temperature, top_k, top_p, prefix, prefix_file, field, truncate,
+             include_prefix, destination_path, sample_delim, stop_at_eot, precision,
+             **steering):
+    from gpt2tf.decode.engine import SamplingParams
+    from gpt2tf.decode.text import format_sample, read_prompts, write_samples
+
+    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, **steering)  # checked
+    if prefix and prefix_file:
+        raise FieldError("prefix_file", "and --prefix cannot both be given: put the prompt in"
+                         " the file")
+    if prefix_file:
+        prefix = read_prompts(prefix_file, field)
     source = _source(model_name, models_dir, run_name, checkpoint_dir)
     import_tensorflow()
     from gpt2tf.decode.generator import Generator, generate_texts
-    from gpt2tf.decode.text import format_sample, write_samples
 
     with Generator(source, precision=precision) as gen:
         def show(i, text):
@@ -92,7 +102,7 @@ def generate(*, model_name, models_dir, run_name, checkpoint_dir, seed, nsamples
             gen, prefix=prefix or None, nsamples=nsamples, batch_size=batch_size,
             length=length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
             truncate=truncate or None, include_prefix=include_prefix, stop_at_eot=stop_at_eot,
-            on_sample=show,
+            on_sample=show, **steering,
         )
         if destination_path:
             write_samples(destination_path, texts, sample_delim)
@@ -103,7 +113,11 @@ PROMPT = "Model prompt >>> "
 
 
 def interactive(*, model_name, models_dir, run_name, checkpoint_dir, seed, nsamples,
-                batch_size, length, temperature, top_k, top_p, stop_at_eot, precision):
+                batch_size, length, temperature, top_k, top_p, stop_at_eot, precision,
+                **steering):
+    from gpt2tf.decode.engine import SamplingParams
+
+    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, **steering)  # checked
     source = _source(model_name, models_dir, run_name, checkpoint_dir)
     import_tensorflow()
     from gpt2tf.decode.generator import Generator, generate_texts
@@ -149,7 +163,7 @@ def interactive(*, model_name, models_dir, run_name, checkpoint_dir, seed, nsamp
                     gen, prefix=prompt, nsamples=nsamples, batch_size=batch_size,
                     length=length, temperature=temperature, top_k=top_k, top_p=top_p,
                     seed=seed, include_prefix=False, stop_at_eot=stop_at_eot,
-                    on_token=stream if streaming else None, on_sample=done,
+                    on_token=stream if streaming else None, on_sample=done, **steering,
                 )
             except KeyboardInterrupt:
                 print("\n[stopped]")

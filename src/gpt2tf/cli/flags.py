@@ -9,6 +9,7 @@ text, `--prefix "[1]"` is not a list), text flags understand the escapes users t
 """
 
 import difflib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -75,7 +76,25 @@ def read_value(s: Setting, raw: str):
             return float(raw)
         except ValueError:
             raise FieldError(s.name, f"must be a number, got {raw!r}") from None
+    if s.type is tuple:  # a JSON list, or texts separated by |
+        if raw.lstrip().startswith("["):
+            return _json(s, raw, list)
+        return [unescape(x) if s.text else x for x in raw.split("|") if x]
+    if s.type is dict:
+        return _json(s, raw, dict)
     return unescape(raw) if s.text else raw
+
+
+def _json(s: Setting, raw: str, kind: type):
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, kind):
+        example = '\'["one", " two"]\'' if kind is list else '\'{"50256": -100}\''
+        raise FieldError(s.name, f"must be a JSON {'list' if kind is list else 'object'} such"
+                         f" as {example}, got {raw!r}")
+    return value
 
 
 def _nearest(name: str, names: list[str]) -> str:
@@ -173,7 +192,7 @@ def _flag(s: Setting) -> str:
 def _default(s: Setting) -> str:
     if s.default is REQUIRED:
         return " (required)"
-    if s.default is None:
+    if s.default is None or s.default == ():
         return ""
     if isinstance(s.default, str):
         return f" (default: {s.default!r})" if s.text or s.default == "" else \

@@ -20,9 +20,9 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 
 from gpt2tf import settings
-from gpt2tf.decode.pick import pick
+from gpt2tf.decode.pick import RowState, pick
 from gpt2tf.decode.text import TextStream
-from gpt2tf.errors import UserError
+from gpt2tf.errors import FieldError, UserError
 from gpt2tf.hparams import HParams
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 SamplingParams = settings.make_config(
     "SamplingParams", settings.SAMPLING,
     "Validated sampling settings. top_k 0 and top_p 0 (or 1) mean off, as in gpt-2-simple.",
-    {"filtered": property(lambda self: self.top_k > 0 or 0 < self.top_p < 1)},
+    {"filtered": property(lambda self: self.top_k > 0 or 0 < self.top_p < 1),
+     "steers": property(lambda self: any(
+         getattr(self, s.name) != s.default for s in settings.STEERING))},
 )
 
 
@@ -72,6 +74,15 @@ class DecodeEngine:
             context = context[-limit:]
         return context
 
+    def row_state(self, prompt: Sequence[int], params: SamplingParams) -> RowState:
+        """What `pick` needs to steer a row: its whole prompt, bad words as token ids."""
+        bad = [t for t, _ in params.logit_bias if t >= self.hparams.n_vocab]
+        if bad:
+            raise FieldError("logit_bias", f"names token {bad[0]}, outside the vocabulary"
+                             f" [0, {self.hparams.n_vocab})")
+        words = tuple(tuple(self.encoder.encode(w)) for w in params.bad_words)
+        return RowState(list(prompt), len(prompt), words, self.encoder.eot_token)
+
     def encode_prompt(self, prefix: str | None) -> list[int]:
         """A prompt's ids; no prompt means <|endoftext|>, the token GPT-2 starts documents with."""
         if prefix:
@@ -99,22 +110,25 @@ class DecodeEngine:
             raise UserError("nothing to generate: no prompts")
         if isinstance(params, SamplingParams):
             params = [params] * len(contexts)
-        seqs = []
-        for c in contexts:
+        seqs, states = [], []
+        for c, p in zip(contexts, params, strict=True):
             c = [int(t) for t in c]
             if not c:
                 raise UserError("empty prompt: give at least one token")
             self.check_tokens(c)
             seqs.append(self._fit_context(c))
+            states.append(self.row_state(c, p) if p.steers else None)
         n_ctx = self.hparams.n_ctx
         keep = n_ctx - n_ctx // 4
         logits = self.backend.start(seqs)  # [B, V]
         width = max(len(s) for s in seqs)  # positions the longest row fills
         for step in range(length):
             uniform = np.array([r.random() for r in rngs], np.float32)
-            new = pick(logits, params, uniform)  # [B]
-            for s, t in zip(seqs, new):
+            new = pick(logits, params, uniform, states)  # [B]
+            for s, state, t in zip(seqs, states, new):
                 s.append(int(t))
+                if state is not None:
+                    state.seen.append(int(t))
             yield new
             if step == length - 1:
                 break
@@ -126,9 +140,13 @@ class DecodeEngine:
                 logits = self.backend.step(new)
                 width += 1
 
-    def iter_samples(
+    def iter_samples(self, context: Sequence[int], **kwargs) -> Iterator[TextStream]:
+        """`iter_many` of one prompt."""
+        return self.iter_many([context], **kwargs)
+
+    def iter_many(
         self,
-        context: Sequence[int],
+        contexts: Sequence[Sequence[int]],
         *,
         nsamples: int = 1,
         batch_size: int = 1,
@@ -139,22 +157,26 @@ class DecodeEngine:
         truncate: str | None = None,
         on_token=None,
     ) -> Iterator[TextStream]:
-        """Yield `TextStream`s as batches finish (any nsamples, `batch_size` at a time).
+        """Yield `TextStream`s in prompt order, `nsamples` per prompt, `batch_size` rows at a
+        time (rows of different prompts share a batch).
 
-        Sample i uses the random stream sample_seed(seed, i), so it does not depend on the
-        batch size. on_token(row, text) streams each row's new text.
+        Sample number i (counting over every prompt's samples in order) uses the random stream
+        sample_seed(seed, i), so it does not depend on the batch size. on_token(row, text)
+        streams each row's new text (row: the sample's place in its batch).
         """
         nsamples = settings.NSAMPLES.check(nsamples)
         batch_size = settings.BATCH_SIZE.check(batch_size)
         length = settings.LENGTH.check(length)
         seed = new_seed() if seed is None else int(seed)
         eot = self.encoder.eot_token if stop_at_eot else None
+        jobs = [list(c) for c in contexts for _ in range(nsamples)]  # sample i's prompt
         index = 0
-        while index < nsamples:
-            rows = min(batch_size, nsamples - index)
+        while index < len(jobs):
+            rows = min(batch_size, len(jobs) - index)
             rngs = [sample_seed(seed, index + r) for r in range(rows)]
             batch = [TextStream(self.encoder, truncate=truncate, eot=eot) for _ in range(rows)]
-            steps = self.stream([list(context)] * rows, length=length, params=params, rngs=rngs)
+            steps = self.stream(jobs[index:index + rows], length=length, params=params,
+                                rngs=rngs)
             try:
                 for new in steps:
                     for r, t in enumerate(new):

@@ -135,7 +135,7 @@ class Generator:
 def generate_texts(
     gen: Generator,
     *,
-    prefix: str | None = None,
+    prefix: str | Sequence[str] | None = None,
     nsamples: int = 1,
     batch_size: int = 1,
     length: int | None = None,
@@ -148,23 +148,39 @@ def generate_texts(
     stop_at_eot: bool = True,
     on_token=None,
     on_sample=None,
+    **steering,
 ) -> list[str]:
     """gpt-2-simple's generate semantics over a loaded Generator; returns the texts.
 
-    include_prefix puts the prompt in front of each text (gpt-2-simple only honoured it with
-    truncate). on_sample(index, text) is called as each sample completes.
+    `prefix` may be a list of prompts: each gets `nsamples` samples, rows of different prompts
+    share batches, and the texts come back in prompt order. include_prefix puts the prompt in
+    front of each text (gpt-2-simple only honoured it with truncate). on_sample(index, text)
+    is called as each sample completes. `steering`: the settings in gpt2tf.settings.STEERING.
     """
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, **steering)
     length = gen.hparams.n_ctx - 1 if length is None else length
-    prefix = None if prefix is None or prefix == "" else str(prefix)
-    context = gen.encode_prompt(prefix)
+    prompts = _prompts(prefix)
+    contexts = [gen.encode_prompt(p) for p in prompts]
     texts = []
-    for i, s in enumerate(gen.iter_samples(
-        context, nsamples=nsamples, batch_size=batch_size, length=length, params=params,
+    for i, s in enumerate(gen.engine.iter_many(
+        contexts, nsamples=nsamples, batch_size=batch_size, length=length, params=params,
         seed=seed, stop_at_eot=stop_at_eot, truncate=truncate, on_token=on_token,
     )):
-        text = (prefix + s.text) if (prefix and include_prefix) else s.text
+        p = prompts[i // nsamples]
+        text = (p + s.text) if (p and include_prefix) else s.text
         texts.append(text)
         if on_sample is not None:
             on_sample(i, text)
     return texts
+
+
+def _prompts(prefix) -> list[str | None]:
+    """A prefix (none, a text, or a list of texts) -> the prompts, None meaning unconditional."""
+    if prefix is None or isinstance(prefix, str):
+        return [str(prefix) if prefix else None]
+    if not isinstance(prefix, (list, tuple)) or not prefix:
+        raise FieldError("prefix", f"must be a text or a non-empty list of texts, got {prefix!r}")
+    for p in prefix:
+        if not isinstance(p, str):
+            raise FieldError("prefix", f"entries must be texts, got {p!r}")
+    return [p if p else None for p in prefix]

@@ -9,19 +9,92 @@ top_k > 0 keeps the k most likely tokens; 0 < top_p < 1 then keeps the smallest 
 likely tokens whose mass reaches p (at least one); the pick is the first token, in order of
 decreasing probability for a filtered row (by id for an unfiltered one), whose cumulative mass
 exceeds u times the total. Ties in probability are broken by the lower token id.
+
+Steering comes first, on the model's logits, where a row asks for it (`steer`): transformers'
+repetition penalty, no-repeat n-grams, bad words and minimum length, and OpenAI's presence and
+frequency penalties and logit bias, each with its library's semantics. It needs the row's
+tokens so far (`RowState`), which the decode loop keeps.
 """
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
 
-def pick(logits: np.ndarray, params: Sequence, uniform: np.ndarray) -> np.ndarray:
-    """logits [B, V] float32, one SamplingParams and one uniform in [0, 1) per row -> [B] int32."""
+@dataclass
+class RowState:
+    """A row's tokens so far (its whole prompt, then what it generated) for its steering.
+
+    `bad_words` are token sequences never to produce; `eot` is the token min_length holds back.
+    """
+
+    seen: list[int]
+    n_prompt: int
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    eot: int | None = None
+    # no_repeat_ngram_size's index, (n-1)-gram -> tokens that followed it, built as tokens come
+    _followers: dict = field(default_factory=dict, repr=False)
+    _indexed: int = field(default=0, repr=False)  # n-grams of `seen` in the index
+
+    @property
+    def n_new(self) -> int:
+        return len(self.seen) - self.n_prompt
+
+
+def pick(logits: np.ndarray, params: Sequence, uniform: np.ndarray,
+         states: Sequence[RowState] | None = None) -> np.ndarray:
+    """logits [B, V] float32, one SamplingParams and one uniform in [0, 1) per row -> [B] int32.
+
+    `states` (one per row) is needed by the rows whose params steer."""
     out = np.empty(len(params), np.int32)
     for b, (row, p, u) in enumerate(zip(logits, params, uniform)):
-        out[b] = _pick_row(np.asarray(row, np.float64), p, float(u))
+        row = np.asarray(row, np.float64)
+        if p.steers:
+            row = steer(row, p, states[b])
+        out[b] = _pick_row(row, p, float(u))
     return out
+
+
+def steer(logits: np.ndarray, p, state: RowState) -> np.ndarray:
+    """logits [V] after the row's penalties, biases and bans (a new float64 array)."""
+    x = np.array(logits, np.float64)
+    seen = state.seen
+    # transformers' order: biases, then the repetition penalty, then bans
+    for token, bias in p.logit_bias:
+        x[token] += bias
+    if p.repetition_penalty != 1 and seen:
+        ids = np.unique(np.asarray(seen))
+        v = x[ids]
+        x[ids] = np.where(v < 0, v * p.repetition_penalty, v / p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and state.n_new:
+        ids, counts = np.unique(np.asarray(seen[state.n_prompt:]), return_counts=True)
+        x[ids] -= counts * p.frequency_penalty + p.presence_penalty
+    banned = []
+    n = p.no_repeat_ngram_size
+    if n and len(seen) + 1 >= n:
+        banned += _repeating(state, n)
+    for words in state.bad_words:
+        if len(words) == 1 or (len(words) - 1 <= len(seen) and
+                               tuple(seen[len(seen) - len(words) + 1:]) == words[:-1]):
+            banned.append(words[-1])
+    if state.eot is not None and state.n_new < p.min_length:
+        banned.append(state.eot)
+    if banned:
+        kept = x.copy()
+        x[banned] = -np.inf
+        if not np.isfinite(x).any():  # every token banned: the bans cannot all hold
+            return kept
+    return x
+
+
+def _repeating(state: RowState, n: int) -> list[int]:
+    """Tokens that would complete an n-gram the row already has (transformers' rule)."""
+    seen, followers = state.seen, state._followers
+    for i in range(state._indexed, len(seen) - n + 1):  # each step adds its one new n-gram
+        followers.setdefault(tuple(seen[i:i + n - 1]), []).append(seen[i + n - 1])
+    state._indexed = max(state._indexed, len(seen) - n + 1)
+    return followers.get(tuple(seen[len(seen) - n + 1:]), [])
 
 
 def _pick_row(logits: np.ndarray, p, u: float) -> int:

@@ -4,6 +4,7 @@
 """
 
 import codecs
+import json
 import os
 from typing import Sequence
 
@@ -108,3 +109,33 @@ def write_samples(path: str | os.PathLike, texts: list[str], sample_delim: str) 
     with fileio.atomic_open(path, "w") as f:
         for text in texts:
             f.write(format_sample(text, sample_delim, len(texts)))
+
+
+def read_prompts(path: str | os.PathLike, field: str = "text") -> list[str]:
+    """The prompts in a file: one per line, or from a .jsonl, each line's `field`.
+
+    Lines keep their inner spaces; a text file's empty lines are skipped, as are a .jsonl's."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"cannot read the prompts file {path}: {why}") from None
+    if not os.fspath(path).endswith(".jsonl"):
+        prompts = [line for line in lines if line.strip()]
+    else:
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                raise UserError(f"{path} line {number} is not JSON") from None
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise UserError(f"{path} line {number} has no text field {field!r} (give"
+                                " --field)")
+            prompts.append(record[field])
+    if not prompts:
+        raise UserError(f"the prompts file {path} holds no prompts")
+    return prompts
