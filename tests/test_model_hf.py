@@ -16,7 +16,7 @@ from shared_data import reference
 torch = reference("torch")
 transformers = reference("transformers")
 
-from gpt2tf import checkpoints, convert, encoder, model  # noqa: E402
+from gpt2tf import checkpoints, convert, encoder  # noqa: E402
 from tiny import TINY, random_weights  # noqa: E402
 from gpt2tf.decode.engine import SamplingParams
 from gpt2tf.decode.generator import Generator  # noqa: E402
