@@ -79,8 +79,8 @@ def _replace_surrogates(text: str) -> str:
 
 
 def _is_special(token: str) -> bool:
-    """A control token such as `<|endoftext|>` or `<pad>`: in the vocabulary, made by no merge."""
-    return len(token) > 2 and token[0] == "<" and token[-1] == ">"
+    """A control token such as `<|endoftext|>`, `<pad>` or `[PAD]`: made by no merge."""
+    return len(token) > 2 and (token[0], token[-1]) in (("<", ">"), ("[", "]"))
 
 
 def _sha256(data: bytes) -> str:
@@ -105,6 +105,12 @@ def parse_encoder_json(raw: bytes, source: str) -> dict[str, int]:
             )
     if len(set(vocab.values())) != len(vocab):
         raise UserError(f"{source}: encoder.json gives two tokens the same id")
+    # The largest id sizes the id -> token table (and the model's embeddings): an id far past
+    # the number of tokens would allocate for ids that name nothing.
+    largest = max(vocab.values())
+    if largest >= 2 * len(vocab):
+        raise UserError(f"{source}: encoder.json's largest id is {largest:,} but it has only"
+                        f" {len(vocab):,} tokens: ids should number the tokens from 0")
     return vocab
 
 
@@ -226,7 +232,8 @@ class Encoder:
             first = min(unmade, key=self.encoder.__getitem__)
             raise UserError(
                 f"{source}: encoder.json has {len(self.encoder):,} tokens but the 256 bytes,"
-                f" {len(self.bpe_ranks):,} vocab.bpe merges and {specials} special tokens make"
+                f" {len(self.bpe_ranks):,} vocab.bpe merges and {specials} special"
+                f" token{'s' * (specials != 1)} make"
                 f" only {len(self.encoder) - len(unmade):,}; {len(unmade):,} (e.g. {first!r},"
                 f" id {self.encoder[first]}) are made by no merge: vocab.bpe is cut short or"
                 " belongs to another vocabulary; re-download the model"

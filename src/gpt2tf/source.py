@@ -15,6 +15,11 @@ from gpt2tf.errors import UserError
 from gpt2tf.hparams import HParams
 
 
+# GPT-2's encoder.json is 1 MiB and vocab.bpe 0.5 MiB; vocabularies ten times larger are still
+# tiny next to this bound, while a file past it is surely not a vocabulary.
+MAX_VOCAB_FILE_BYTES = 1 << 28
+
+
 class ModelSource:
     """A model or run directory, checked to exist; hparams, vocabulary and checkpoint on demand."""
 
@@ -127,6 +132,11 @@ def read_vocab_files(model_dir: str | os.PathLike) -> tuple[bytes, bytes]:
     out = []
     for name in paths.VOCAB_FILES:
         try:
+            size = (model_dir / name).stat().st_size
+            if size > MAX_VOCAB_FILE_BYTES:  # checked before reading it all into memory
+                raise UserError(f"{model_dir / name} is {size / 2**20:,.0f} MiB, far larger than"
+                                " a vocabulary file (GPT-2's are about 1 MiB): is it the right"
+                                " file? Re-download the model")
             out.append((model_dir / name).read_bytes())
         except FileNotFoundError:
             raise UserError(f"{model_dir / name} is missing: re-download the model") from None

@@ -12,21 +12,23 @@ import zlib
 import numpy as np
 import pytest
 from shared_data import shared_data_dir
+from tiny import REPO
 
 from gpt2tf.data.documents import iter_documents, resolve_paths
 from gpt2tf.data.encode import load_tokens
 from gpt2tf.data.npzwriter import npy_header
 from gpt2tf.encoder import Encoder, byte_level_vocab
 from gpt2tf.errors import UserError
-from tiny import REPO
 
 DEEP = 100_000  # levels of nesting: far past Python's recursion limit
+MIB = 1 << 20
 
 
 def _run(argv, cwd, env=None, timeout=120):
+    path = f"{REPO / 'src'}{os.pathsep}{REPO / 'tests'}"
     proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={"PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO / 'tests'}",
-                               "PATH": "/usr/bin:/bin", **(env or {})})
+                          check=False, env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin",
+                                            **(env or {})})
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -102,17 +104,33 @@ def _with_merges(merges: list[str], extra: tuple[str, ...] = ()) -> tuple[bytes,
 
 def test_full_vocabularies_pass_the_merge_count():
     data = shared_data_dir()
-    encoder_json, vocab_bpe = (data / "encoder.json").read_bytes(), (data / "vocab.bpe").read_bytes()
+    encoder_json = (data / "encoder.json").read_bytes()
+    vocab_bpe = (data / "vocab.bpe").read_bytes()
     # An added blank line changes the sha256, so the files are checked entry by entry.
     checked = Encoder.from_bytes(encoder_json, vocab_bpe + b"\n", source="edited")
     assert len(checked.encoder) == 256 + len(checked.bpe_ranks) + 1  # GPT-2: 50257 tokens
     Encoder.from_bytes(*byte_level_vocab())  # 256 + 0 merges + <|endoftext|>
-    Encoder.from_bytes(*_with_merges(["a b", "ab c"], extra=("<|pad|>", "<unk>")))
+    Encoder.from_bytes(*_with_merges(["a b", "ab c"], extra=("<|pad|>", "<unk>", "[PAD]")))
 
 
 def test_a_token_no_merge_makes_is_refused():
     with pytest.raises(UserError, match=r"1 \(e.g. 'zz', id 258\) are made by no merge"):
         Encoder.from_bytes(*_with_merges(["a b"], extra=("zz",)), source="models/odd")
+
+
+def test_an_id_far_past_the_number_of_tokens(tmp_path):
+    vocab = json.loads(byte_level_vocab()[0])
+    vocab["<|endoftext|>"] = 10**12  # the id -> token table would take 8 TB
+    with pytest.raises(UserError, match="largest id is 1,000,000,000,000 but it has only 257"):
+        Encoder.from_bytes(json.dumps(vocab).encode(), b"", source="models/odd")
+
+
+def test_a_vocabulary_file_too_large_to_be_one(tmp_path, vocab_dir):
+    with open(vocab_dir / "encoder.json", "r+b") as f:
+        f.truncate(300 * MIB)  # sparse: no disk used, nothing read
+    (tmp_path / "t.txt").write_text("hello")
+    code, _, err = _encode(tmp_path / "t.txt", tmp_path / "out.npz", vocab_dir.parent)
+    _one_line(code, err, "encoder.json is 300 MiB, far larger than a vocabulary file")
 
 
 # --- .npz / .npy datasets -----------------------------------------------------------------------
@@ -206,17 +224,16 @@ def _peak_mib(path, available: int | None) -> tuple[int, str]:
     return int(grown), result
 
 
-MIB = 1 << 20
 BOMB_IDS = 64 * MIB  # 256 MiB of int32 zeros, deflated to about 250 KiB
 
 
 def _deflate_bomb(path, ids: int = BOMB_IDS):
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        with z.open("arr_0.npy", "w", force_zip64=True) as f:
-            f.write(npy_header(ids))
-            zeros = bytes(16 * MIB)
-            for _ in range(ids * 4 // len(zeros)):
-                f.write(zeros)
+    zeros = bytes(16 * MIB)
+    with (zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z,
+          z.open("arr_0.npy", "w", force_zip64=True) as f):
+        f.write(npy_header(ids))
+        for _ in range(ids * 4 // len(zeros)):
+            f.write(zeros)
 
 
 @pytest.fixture(scope="module")
@@ -254,8 +271,8 @@ def test_a_member_that_inflates_past_its_declared_size_is_read_no_further(tmp_pa
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("random.npz", bytes(range(7, 250)) * 40, "random.npz is not an .npz, a zip archive of .npy"
-                                              " arrays (it starts with bytes 07 08 09 0a 0b 0c)"),
+    ("random.npz", bytes(range(7, 250)) * 40, ("random.npz is not an .npz, a zip archive of .npy"
+                                               " arrays (it starts with bytes 07 08 09 0a 0b 0c)")),
     ("random.npy", b"\x00garbage" * 40, "random.npy is not a .npy array (it starts with bytes"),
     ("empty.npz", b"", "empty.npz is empty, not an .npz"),
     ("pickle.npz", b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01.",
@@ -313,6 +330,15 @@ def test_each_file_once_through_symlinks(tmp_path, pattern, monkeypatch):
     assert len(names) == 2
 
 
+@pytest.mark.parametrize("pattern", ["d", "d/**"])
+def test_files_come_in_path_order(tmp_path, pattern, monkeypatch):
+    for name in ("c.txt", "b/c.txt", "a.txt"):
+        (tmp_path / "d" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "d" / name).write_text(name)
+    monkeypatch.chdir(tmp_path)
+    assert [p.as_posix() for p in resolve_paths(pattern)] == ["d/a.txt", "d/b/c.txt", "d/c.txt"]
+
+
 def test_a_glob_through_symlink_loops_ends(tmp_path):
     root = tmp_path / "d"
     root.mkdir()
@@ -322,9 +348,9 @@ def test_a_glob_through_symlink_loops_ends(tmp_path):
     (root / "x").mkdir()
     (root / "x" / "loop").symlink_to("../y")
     (root / "y").symlink_to("x")
-    code, out, err = _run([sys.executable, "-c", "import sys; from gpt2tf.data.documents import"
-                           " resolve_paths; print([str(p) for p in resolve_paths(sys.argv[1])])",
-                           str(root / "**")], tmp_path, timeout=60)
+    script = ("import sys; from gpt2tf.data.documents import resolve_paths;"
+              " print([str(p) for p in resolve_paths(sys.argv[1])])")
+    code, out, err = _run([sys.executable, "-c", script, str(root / "**")], tmp_path, timeout=60)
     assert code == 0, err
     assert out.strip() == repr([str(root / "a.txt")])
 

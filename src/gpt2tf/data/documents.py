@@ -30,18 +30,18 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _folder_files(folder: str) -> Iterator[str]:
+def _folder_files(folder: str) -> list[str]:
     """A folder's files, recursively, sorted, hidden ones skipped.
 
     Symlinked folders inside are not entered: a `self -> .` link would list every file again,
     and two links to each other would never end.
     """
+    found = []
     for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not _hidden(d))
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            if not _hidden(name) and os.path.isfile(path):
-                yield path
+        dirs[:] = [d for d in dirs if not _hidden(d)]
+        found.extend(os.path.join(root, f) for f in files if not _hidden(f))
+    # Sorted as paths (part by part), so d/a, d/b/c, d/c: the order documents are encoded in.
+    return sorted((p for p in found if os.path.isfile(p)), key=lambda p: Path(p).parts)
 
 
 def _glob(base: str, parts: list[str]) -> Iterator[str]:

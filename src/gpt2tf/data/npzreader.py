@@ -94,7 +94,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path,
 def _read_ids(f: BinaryIO, size: int, where: str, n_vocab: int) -> np.ndarray:
     """Read one .npy of `size` bytes (as its file or zip member declares) from `f`."""
     head = f.read(len(NPY_MAGIC) + 2)
-    if not head.startswith(NPY_MAGIC):
+    if not head.startswith(NPY_MAGIC) or len(head) < len(NPY_MAGIC) + 2:
         raise UserError(f"{where} is not a .npy array: {_REENCODE}")
     version = tuple(head[len(NPY_MAGIC):])
     read_header = {(1, 0): np.lib.format.read_array_header_1_0,
@@ -120,8 +120,8 @@ def _read_ids(f: BinaryIO, size: int, where: str, n_vocab: int) -> np.ndarray:
     have = memory.available_bytes()
     if have is not None and need > have:
         raise UserError(f"{where} declares {count:,} ids, {memory.gib(need)} as int32, but only"
-                        f" {memory.gib(have)} of memory is available: split the data into"
-                        " smaller files, or free memory")
+                        f" {memory.gib(have)} of memory is available: free memory, or train on"
+                        " a smaller part of the data")
     return _read_blocks(f, count, dtype, where, n_vocab)
 
 
@@ -129,7 +129,7 @@ def _read_blocks(f: BinaryIO, count: int, dtype: np.dtype, where: str,
                  n_vocab: int) -> np.ndarray:
     ids = np.empty(count, dtype=np.int32)
     step = max(1, READ_BYTES // dtype.itemsize)
-    lo, hi = 0, 0
+    lo, hi = 0, 0  # the smallest and largest id read so far
     for start in range(0, count, step):
         n = min(step, count - start)
         data = f.read(n * dtype.itemsize)  # never more than asked: inflation is bounded here
@@ -137,8 +137,8 @@ def _read_blocks(f: BinaryIO, count: int, dtype: np.dtype, where: str,
             raise UserError(f"{where} ends after {start + len(data) // dtype.itemsize:,} of its"
                             f" {count:,} ids: the file is truncated; {_REENCODE}")
         block = np.frombuffer(data, dtype=dtype)
-        lo = min(lo, int(block.min())) if start else int(block.min())
-        hi = max(hi, int(block.max())) if start else int(block.max())
+        block_lo, block_hi = int(block.min()), int(block.max())
+        lo, hi = (block_lo, block_hi) if start == 0 else (min(lo, block_lo), max(hi, block_hi))
         ids[start : start + n] = block  # an id past int32 wraps here, but is refused below
     if count and (lo < 0 or hi >= n_vocab):
         raise UserError(f"{where} holds ids in [{lo}, {hi}], outside the vocabulary"
