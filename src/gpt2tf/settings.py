@@ -255,6 +255,19 @@ IN_PATH = S("in_path", str, REQUIRED, "text file, folder, glob, .csv or .jsonl t
 OUT_PATH = S("out_path", str, REQUIRED, ".npz file to write the token ids to")
 ENCODE = (IN_PATH, OUT_PATH, MODEL_NAME, MODELS_DIR, ENCODING, COLUMN, FIELD)
 
+# Scoring a text (gpt2tf eval).
+EVAL = (
+    S("model_dir", str, REQUIRED, "model or run folder to score with", local_path=True),
+    S("dataset", str, REQUIRED, "text file, folder, glob, .csv, .jsonl or .npz to score",
+      local_path=True, metavar="PATH"),
+    S("stride", int, None, "a window of n_ctx tokens starts every stride tokens, scoring the"
+      " ones no earlier window scored; none: n_ctx // 2", low=1, optional=True),
+    S("batch_size", int, 1, "windows scored together", low=1),
+    S("precision", str, "fp32", "weights the TF graph scores with: fp32 (exact) or bf16",
+      choices=("fp32", "bf16")),
+    ENCODING, COLUMN, FIELD,
+)
+
 # Downloading.
 DOWNLOAD_MODEL_NAME = S("model_name", str, paths.DEFAULT_MODEL_NAME,
                         "124M, 355M, 774M or 1558M (117M and 345M are their old names)")

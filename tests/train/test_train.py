@@ -61,6 +61,9 @@ def test_loss_drops_on_shakespeare_and_run_samples(tmp_path, capsys):
     assert len(train_losses) == 30 and len(val) == 4  # steps 0, 10, 20, 30
     assert np.mean(train_losses[-5:]) < np.mean(train_losses[:5]) - 1.5, train_losses
     assert val[-1] < val[0] - 1.5, val
+    ppl = [r["val_perplexity"] for r in recs if "val_loss" in r]
+    assert len(ppl) == 4 and ppl[-1] < ppl[0] / 3 and ppl[-1] > 1, ppl
+    assert abs(np.log(ppl[-1]) - val[-1]) < 0.5  # the same quantity, over other windows
     for key in ("step", "loss", "avg_loss", "lr", "tokens_per_sec"):
         assert key in recs[-1]
     assert "tokens/s" in out and "left" in out and "avg=" in out

@@ -5,6 +5,7 @@ Each function takes every one of its command's settings by name (see `COMMANDS`)
 (quietly) only by the commands that need it, after their flags are known to be good.
 """
 
+import json
 import signal
 import sys
 import threading
@@ -107,6 +108,27 @@ def generate(*, model_name, models_dir, run_name, checkpoint_dir, seed, nsamples
         if destination_path:
             write_samples(destination_path, texts, sample_delim)
             _say(f"wrote {len(texts)} samples to {destination_path}")
+
+
+def evaluate(*, model_dir, dataset, stride, batch_size, precision, encoding, column, field):
+    from gpt2tf import score
+
+    source = ModelSource.at(model_dir)
+    S.check_encoding("encoding", encoding)
+    n_ctx = source.hparams.n_ctx
+    stride = max(n_ctx // 2, 1) if stride is None else stride
+    score.windows(0, n_ctx, stride)  # checks the stride before anything loads
+    import_tensorflow()
+    from gpt2tf.data.encode import load_tokens
+    from gpt2tf.decode.generator import Generator
+
+    chunks = load_tokens(dataset, encoder=source.encoder, encoding=encoding, column=column,
+                         field=field)
+    with Generator(source, precision=precision, engine="graph") as gen:
+        result = score.evaluate(
+            gen.target_logprobs, chunks, n_ctx=n_ctx, stride=stride, batch_size=batch_size,
+            n_bytes=score.scored_bytes(source.encoder, chunks, n_ctx, stride))
+    print(json.dumps(result), flush=True)
 
 
 PROMPT = "Model prompt >>> "
@@ -222,6 +244,12 @@ COMMANDS = {
         "interactive", interactive, S.MODEL_SOURCE + S.INTERACTIVE,
         summary="Type a prompt, watch the continuation stream in.",
         notes="Ctrl-C stops a generation, Ctrl-D quits."),
+    "eval": Command(
+        "eval", evaluate, S.EVAL, positional=("model_dir",),
+        summary="Score a text: loss, perplexity and bits per byte of every token after the"
+                " first, as one JSON line.",
+        notes="Windows of n_ctx tokens start every --stride tokens; each scores only the tokens"
+              " no earlier window scored (transformers' sliding-window perplexity)."),
     "serve": Command(
         "serve", serve, S.SERVE,
         summary="Serve a model or run: a browser page at / and OpenAI's completions API.",

@@ -53,7 +53,8 @@ class Generator:
         self.precision = settings.DECODE_PRECISION.check(precision)
         self.threads = threads
         checkpoints.check_compatible(self.checkpoint, self.hparams)
-        self._graph = None  # (graph, session, backend, score tokens, score logits), on demand
+        # (graph, session, backend, score tokens, score logits, target logprobs), on demand
+        self._graph = None
         backend = None
         if engine not in ("auto", "graph"):
             raise FieldError("engine", f"must be auto or graph, got {engine!r}")
@@ -74,12 +75,17 @@ class Generator:
                 saver = checkpoints.make_saver(model.model_variables())
                 # Scoring graph (full causal forward, no cache) for tests and evaluation.
                 tokens = tf1.placeholder(tf.int32, [None, None], name="score_tokens")
-                logits = model.model(self.hparams, tokens)["logits"]
+                logits = model.model(self.hparams, tokens)["logits"]  # [B, T, V], fp32
+                scored = logits if precision is model.FP32 else model.model(
+                    self.hparams, tokens, precision=precision)["logits"]
+                # log p(tokens[:, t+1] | tokens[:, :t+1]) without sending [B, T, V] to the host
+                logp = tf.nn.log_softmax(tf.cast(scored[:, :-1], tf.float32))  # [B, T-1, V]
+                targets = tf.gather(logp, tokens[:, 1:], batch_dims=2)  # [B, T-1]
             graph.finalize()  # nothing may add nodes later: no slow-down across calls
             session = tf1.Session(graph=graph, config=session_config(self.threads))
             checkpoints.restore(session, self.checkpoint, saver, self.hparams)
             backend.session = session
-            self._graph = (graph, session, backend, tokens, logits)
+            self._graph = (graph, session, backend, tokens, logits, targets)
         return self._graph
 
     @property
@@ -113,8 +119,14 @@ class Generator:
 
     def logits(self, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         """Full forward pass in the TF graph (fp32): [B, T] ids -> [B, T, V] logits."""
-        _, session, _, x, logits = self._graph_parts()
+        _, session, _, x, logits, _ = self._graph_parts()
         return session.run(logits, {x: np.asarray(tokens)})
+
+    def target_logprobs(self, tokens: Sequence[Sequence[int]]) -> np.ndarray:
+        """Each token's log-probability given the ones before it, in the TF graph (at the
+        Generator's precision; int8 scores in fp32): [B, T] ids -> [B, T-1]."""
+        _, session, _, x, _, targets = self._graph_parts()
+        return session.run(targets, {x: np.asarray(tokens)})
 
     def encode_prompt(self, prefix: str | None) -> list[int]:
         return self.engine.encode_prompt(prefix)

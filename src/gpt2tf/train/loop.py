@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from gpt2tf import checkpoints, fileio, paths
+from gpt2tf import checkpoints, fileio, model, paths, score
 from gpt2tf.decode.engine import DecodeEngine, SamplingParams
 from gpt2tf.decode.graph import GraphBackend
 from gpt2tf.decode.generator import session_config
@@ -67,6 +67,13 @@ class Graph:
                 hparams, self.val_tokens,
                 precision=check_precision(cfg.precision),
             )
+            # Per-token log-probabilities for the validation perplexity, which scores every
+            # validation token once (gpt2tf.score's sliding windows, as `gpt2tf eval` does).
+            self.score_tokens = tf1.placeholder(tf.int32, [None, None], name="score_tokens")
+            logits = model.model(hparams, self.score_tokens,
+                                 precision=check_precision(cfg.precision))["logits"]
+            logp = tf.nn.log_softmax(logits[:, :-1])  # [B, T-1, V]
+            self.score_logprobs = tf.gather(logp, self.score_tokens[:, 1:], batch_dims=2)
             self.sampler = None  # the decode engine over the weights being trained
             if cfg.sample_every and cfg.sample_num:
                 self.sampler = DecodeEngine(GraphBackend(hparams), hparams, encoder)
@@ -310,6 +317,22 @@ class Trainer:
         ]
         return float(sum(losses) / len(losses))
 
+    def val_perplexity(self) -> float:
+        """exp of the loss over the validation tokens, each scored once as `gpt2tf eval` scores
+        a text (windows of the training length, stride half of it). It reads as many tokens as
+        the validation windows hold (the first ones), so it costs about twice val_loss."""
+        t = self.data.window - 1
+        budget, chunks = len(self.data.val_windows) * self.data.window, []
+        for chunk in self.data.val_chunks:
+            if budget > 1:
+                chunks.append(chunk[:budget])
+                budget -= len(chunks[-1])
+        result = score.evaluate(
+            lambda ids: self.session.run(self.g.score_logprobs, {self.g.score_tokens: ids}),
+            chunks, n_ctx=t, stride=max(t // 2, 1), batch_size=self.cfg.val_batch_size,
+            n_bytes=0)
+        return result["perplexity"]
+
     def sample(self, step: int, stop: StopRequest) -> None:
         engine = self.g.sampler
         engine.backend.session = self.session
@@ -367,9 +390,9 @@ class Trainer:
         step = self.start_step
         tokens_per_step = cfg.batch_size * (self.data.window - 1) * cfg.accumulate_gradients
         if self.data.val_windows is not None and step == 0 and not self.plan.resume:
-            val = self.validate()
-            _say(f"[0] val_loss={val:.4f}")
-            self._log({"step": 0, "val_loss": val})
+            val, ppl = self.validate(), self.val_perplexity()
+            _say(f"[0] val_loss={val:.4f} val_perplexity={ppl:.2f}")
+            self._log({"step": 0, "val_loss": val, "val_perplexity": ppl})
         started = time.perf_counter()
         step_time = None  # running average of seconds per step, for the time left
         done = 0
@@ -397,6 +420,7 @@ class Trainer:
             validate = self.data.val_windows is not None and step % cfg.val_every == 0
             if validate:
                 record["val_loss"] = self.validate()
+                record["val_perplexity"] = self.val_perplexity()
             if step % cfg.print_every == 0 or validate:
                 self._log(record)
                 self._progress(record, started, step_time, done)
@@ -415,7 +439,7 @@ class Trainer:
             f" lr={record['lr']:.3g} {record['tokens_per_sec']:.0f} tokens/s"
         )
         if "val_loss" in record:
-            line += f" val_loss={record['val_loss']:.4f}"
+            line += f" val_loss={record['val_loss']:.4f} val_ppl={record['val_perplexity']:.2f}"
         if self.steps != -1:
             line += f" {_fmt_time((self.steps - done) * step_time)} left"
         _say(line)

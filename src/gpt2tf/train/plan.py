@@ -95,6 +95,7 @@ class Data:
     train: Sampler
     val_windows: object | None  # [N, T+1] int32, the same every evaluation
     window: int  # tokens per training window: seq_len + 1
+    val_chunks: list | None = None  # the validation tokens, for the sliding-window perplexity
 
 
 def load_data(cfg: TrainConfig, plan: Plan, *, seed: int) -> Data:
@@ -125,5 +126,6 @@ def load_data(cfg: TrainConfig, plan: Plan, *, seed: int) -> Data:
             val_windows = val.fixed_windows(
                 window, cfg.val_batch_size * cfg.val_batch_count, seed=VAL_WINDOW_SEED
             )
-    return Data(train=train, val_windows=val_windows, window=window)
+    return Data(train=train, val_windows=val_windows, window=window,
+                val_chunks=val.chunks if val_windows is not None else None)
 
