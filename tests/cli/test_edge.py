@@ -28,7 +28,7 @@ VERBS = [[v] for v in commands.COMMANDS] + [["convert", "to-hf"], ["convert", "f
 TYPO = {"download": ("--model_nam", "--model_name"), "encode": ("--encodng", "--encoding"),
         "init": ("--n_layers", "--n_layer"), "train": ("--learning_rte", "--learning_rate"),
         "generate": ("--temprature", "--temperature"),
-        "interactive": ("--temprature", "--temperature"), "serve": ("--prot", "--port"),
+        "interactive": ("--temprature", "--temperature"), "serve": ("--prot", "--port"), "eval": ("--strid", "--stride"),
         "to-hf": ("--out_dri", "--out_dir"), "from-hf": ("--out_dri", "--out_dir")}
 
 
