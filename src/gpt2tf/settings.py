@@ -390,8 +390,8 @@ ACCESS = (
       " [::1] and --host"),
     S("allowed_origins", str, "", "comma-separated web origins (https://app.example.com) whose"
       " pages may call the API; * any; empty: only the server's own page"),
-    S("api_key", str, "", "require `Authorization: Bearer <key>` on the API (not on /health"
-      f" or the page); also ${API_KEY_ENV}, which other users cannot see in ps"),
+    S("api_key", str, "", "require `Authorization: Bearer <key>` on every route but /health"
+      f" and the page; also ${API_KEY_ENV}, which other users cannot see in ps"),
 )
 SERVE = MODEL_SOURCE + (
     DECODE_PRECISION,
