@@ -121,3 +121,16 @@ def test_cli_text_too_short(model_dir, tmp_path):
     data.write_text("a")
     proc = _eval([str(model_dir), "--dataset", str(data)], tmp_path)
     assert proc.returncode == 1 and "at least 2 tokens" in proc.stderr, proc.stderr
+
+
+def test_prompt_logprobs_equal_log_softmax_of_transformers(model_dir, hf_model):
+    ids = encoder.Encoder.from_bytes(*encoder.byte_level_vocab(), source="v").encode(TEXT[:50])
+    with Generator(model_dir, threads=1) as gen:
+        got, top_ids, top_lp = gen.prompt_logprobs(ids, top=5)
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+    want = logp[np.arange(len(ids) - 1), ids[1:]]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    order = np.argsort(-logp[:-1], axis=-1, kind="stable")[:, :5]
+    assert (top_ids == order).mean() > 0.99  # near-ties may swap between two frameworks
+    np.testing.assert_allclose(top_lp, np.take_along_axis(logp[:-1], top_ids, -1), atol=1e-4)

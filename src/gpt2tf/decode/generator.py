@@ -1,6 +1,7 @@
 """`Generator`: a loaded model that samples text, over the decode engine."""
 
 import os
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -62,11 +63,11 @@ class Generator:
             backend = fast.open_backend(self.source, self.checkpoint, self.precision,
                                         threads=threads)
         if backend is None:
-            backend = self._graph_parts()[2]
+            backend = self._graph_parts().backend
         self.engine_name = "fast" if isinstance(backend, fast.LiteBackend) else "graph"
         self.engine = DecodeEngine(backend, self.hparams, self.encoder)
 
-    def _graph_parts(self):
+    def _graph_parts(self) -> "_Graph":
         if self._graph is None:
             graph = tf.Graph()
             precision = model.BF16 if self.precision == "bf16" else model.FP32
@@ -81,20 +82,23 @@ class Generator:
                 # log p(tokens[:, t+1] | tokens[:, :t+1]) without sending [B, T, V] to the host
                 logp = tf.nn.log_softmax(tf.cast(scored[:, :-1], tf.float32))  # [B, T-1, V]
                 targets = tf.gather(logp, tokens[:, 1:], batch_dims=2)  # [B, T-1]
+                k = tf1.placeholder_with_default(1, [], name="top_k")
+                top = tf.math.top_k(logp, k)  # values, indices: [B, T-1, k]
             graph.finalize()  # nothing may add nodes later: no slow-down across calls
             session = tf1.Session(graph=graph, config=session_config(self.threads))
             checkpoints.restore(session, self.checkpoint, saver, self.hparams)
             backend.session = session
-            self._graph = (graph, session, backend, tokens, logits, targets)
+            self._graph = _Graph(graph, session, backend, tokens, logits, targets, k,
+                                 top.values, top.indices)
         return self._graph
 
     @property
     def graph(self):
-        return self._graph_parts()[0]
+        return self._graph_parts().graph
 
     @property
     def session(self):
-        return self._graph_parts()[1]
+        return self._graph_parts().session
 
     @classmethod
     def from_model(cls, model_name: str, models_dir: str = paths.DEFAULT_MODELS_DIR, **kw):
@@ -106,7 +110,7 @@ class Generator:
 
     def close(self) -> None:
         if self._graph is not None:
-            self._graph[1].close()
+            self._graph.session.close()
         close = getattr(self.engine.backend, "close", None)
         if close is not None:
             close()
@@ -119,14 +123,31 @@ class Generator:
 
     def logits(self, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         """Full forward pass in the TF graph (fp32): [B, T] ids -> [B, T, V] logits."""
-        _, session, _, x, logits, _ = self._graph_parts()
-        return session.run(logits, {x: np.asarray(tokens)})
+        g = self._graph_parts()
+        return g.session.run(g.logits, {g.tokens: np.asarray(tokens)})
 
     def target_logprobs(self, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         """Each token's log-probability given the ones before it, in the TF graph (at the
         Generator's precision; int8 scores in fp32): [B, T] ids -> [B, T-1]."""
-        _, session, _, x, _, targets = self._graph_parts()
-        return session.run(targets, {x: np.asarray(tokens)})
+        g = self._graph_parts()
+        return g.session.run(g.targets, {g.tokens: np.asarray(tokens)})
+
+    def prompt_logprobs(self, tokens: Sequence[int], top: int = 0):
+        """One text's scores: each token after the first, its log-probability given the ones
+        before it, and the `top` most likely tokens there with theirs.
+
+        Returns (logprobs [T-1], top ids [T-1, top], top logprobs [T-1, top]), float64 logprobs
+        of the model's own distribution (no temperature or filtering)."""
+        g = self._graph_parts()
+        ids = np.asarray([tokens], np.int32)  # [1, T]
+        if ids.shape[1] < 2:
+            return np.zeros([0]), np.zeros([0, top], np.int64), np.zeros([0, top])
+        k = max(int(top), 1)
+        got, values, idx = g.session.run([g.targets, g.top_values, g.top_ids],
+                                         {g.tokens: ids, g.top_k: k})
+        return (got[0].astype(np.float64), idx[0, :, :top].astype(np.int64),
+                values[0, :, :top].astype(np.float64))
+
 
     def encode_prompt(self, prefix: str | None) -> list[int]:
         return self.engine.encode_prompt(prefix)
@@ -143,6 +164,19 @@ class Generator:
         """Token ids of `nsamples` continuations of one prompt (see DecodeEngine.iter_samples)."""
         return [s.tokens for s in self.iter_samples(context, **kwargs)]
 
+@dataclass(frozen=True)
+class _Graph:
+    """The TF graph a Generator builds on demand, and its tensors."""
+
+    graph: tf.Graph
+    session: object  # tf.compat.v1.Session
+    backend: GraphBackend
+    tokens: tf.Tensor  # [B, T] ids to score
+    logits: tf.Tensor  # [B, T, V] fp32
+    targets: tf.Tensor  # [B, T-1] log p(tokens[:, t+1] | tokens[:, :t+1])
+    top_k: tf.Tensor  # how many alternatives `top_values`/`top_ids` give
+    top_values: tf.Tensor  # [B, T-1, k]
+    top_ids: tf.Tensor  # [B, T-1, k]
 
 def generate_texts(
     gen: Generator,
