@@ -114,7 +114,7 @@ def load_gpt2(*, sess, checkpoint, run_name, checkpoint_dir, model_name, models_
     if multi_gpu:
         log.warning("multi_gpu has no effect: generation runs on one device")
     source = _source(run_name, checkpoint_dir, model_name, models_dir)
-    prefix = None if checkpoint in (None, "latest") else str(source.path / checkpoint)
+    prefix = source.named_checkpoint(checkpoint)  # latest, best or e.g. model-120
     sess.load(source, prefix, precision=precision)
 
 

@@ -28,7 +28,9 @@ VOCAB_FILES = (ENCODER, VOCAB)
 DECODE_CACHE = ".gpt2tf-decode"  # converted decode models, beside the checkpoint they come from
 CACHE_ENV = "GPT2TF_CACHE_DIR"  # where they go when the model folder is read-only
 TRAIN_CONFIG = "train_config.json"
+LORA = "lora.json"  # a LoRA run: its adapters' shape and the base they apply to
 METRICS = "metrics.jsonl"
+BEST = "best.json"  # a run's checkpoint of the lowest validation loss (--keep_best)
 SAMPLER_STATE = "sampler_state.json"
 
 DEFAULT_MODELS_DIR = "models"

@@ -186,6 +186,8 @@ RUN_NAME = S("run_name", str, "", "a fine-tuned run under --checkpoint_dir; used
 CHECKPOINT_DIR = S("checkpoint_dir", str, paths.DEFAULT_CHECKPOINT_DIR,
                    "folder that holds fine-tuning runs", local_path=True)
 MODEL_SOURCE = (MODEL_NAME, MODELS_DIR, RUN_NAME, CHECKPOINT_DIR)
+CHECKPOINT = S("checkpoint", str, "latest", "latest, best (the lowest val_loss of a run trained"
+               " with --keep_best) or the name of a checkpoint in the folder (model-120)")
 
 # Generation.
 SEED = S("seed", int, None, "random seed: sample i depends only on (seed, i); none: random",
@@ -249,6 +251,8 @@ ENCODING = S("encoding", str, "utf-8", "text encoding of the input files (a Pyth
 COLUMN = S("column", int, 0, "CSV column holding the text: its index, or its header name",
            low=0, also_str=True)
 FIELD = S("field", str, "text", "JSONL field holding the text")
+LINE_BY_LINE = S("line_by_line", bool, False, "each line of a plain text file is a document"
+                 " (blank lines skipped), as transformers' run_clm --line_by_line")
 COMBINE = S("combine", int, 50000, "accepted for nshepperd's and gpt-2-simple's scripts; has no"
             " effect (text is always one stream with <|endoftext|> between documents)", low=0)
 IN_PATH = S("in_path", str, REQUIRED, "text file, folder, glob, .csv or .jsonl to encode")
@@ -294,6 +298,7 @@ INIT = (
 OPTIMIZERS = ("adam", "sgd", "adafactor")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")  # bf16: bfloat16 matmuls; weights, norms and the loss in float32
+SAMPLE_MODES = ("windows", "documents")
 TRAIN = (
     S("dataset", str, None, "text file, folder, glob, .csv, .jsonl or .npz to train on"
       " (required unless resuming a run that has one)", optional=True, metavar="PATH",
@@ -314,6 +319,12 @@ TRAIN = (
       "train the blocks only (embeddings and the final norm stay frozen)"),
     S("memory_saving_gradients", bool, False,
       "recompute each block in the backward pass: less memory, ~1.6x slower"),
+    S("lora_rank", int, 0, "train rank-R LoRA adapters on a frozen base (the run's checkpoints"
+      " hold only them); 0: fine-tune the weights themselves", low=0),
+    S("lora_alpha", float, 16.0, "LoRA: the adapters' output is scaled by alpha / rank", low=0,
+      low_open=True),
+    S("lora_targets", str, "c_attn", "LoRA: the layers that get adapters, comma-separated:"
+      " c_attn, c_proj (both), c_fc, attn/c_proj, mlp/c_proj"),
     S("precision", str, "fp32", "fp32, or bf16 (bfloat16 matmuls, float32 weights)",
       choices=PRECISIONS),
     S("warmup_steps", int, 0, "steps of linear learning-rate warm-up", low=0),
@@ -343,6 +354,14 @@ TRAIN = (
     S("val_batch_size", int, 2, "windows per validation batch", low=1),
     S("val_batch_count", int, 40, "validation batches (the same windows every time)", low=1),
     S("val_every", int, 0, "validate every N steps; 0 turns it off", low=0),
+    S("keep_best", bool, False, "also keep the checkpoint of the lowest val_loss (named in"
+      f" {paths.BEST}; generate with --checkpoint best); --max_checkpoints never deletes it"),
+    S("early_stopping_patience", int, 0, "stop, saving first, after N validations in a row"
+      " without a lower val_loss; 0 turns it off", low=0),
+    S("sample_mode", str, "windows", "windows: anywhere in the text; documents: each window"
+      " starts at a document (at the <|endoftext|> before it), short ones packed together",
+      choices=SAMPLE_MODES),
+    LINE_BY_LINE,
 )
 # ... and what one invocation does (not stored with the run).
 SAMPLES_DIR = S("samples_dir", str, paths.DEFAULT_SAMPLES_DIR,
@@ -436,7 +455,7 @@ GPT2_SIMPLE_ONLY = (
     S("return_as_list", bool, False, "return the texts instead of printing them"),
     S("multi_gpu", bool, False, "accepted for gpt-2-simple; warns: training uses one device"),
     S("reuse", bool, False, "accepted for gpt-2-simple; not needed (each model has its graph)"),
-    S("checkpoint", str, "latest", "latest, or the name of a checkpoint in the run folder"),
+    CHECKPOINT,
 )
 
 

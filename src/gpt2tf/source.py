@@ -7,6 +7,7 @@ UserError that names the directory and what to do.
 """
 
 import functools
+import json
 import os
 from pathlib import Path
 
@@ -74,6 +75,12 @@ class ModelSource:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    @property
+    def is_lora(self) -> bool:
+        """A LoRA run: its checkpoints hold adapters over another folder's base weights
+        (gpt2tf.lora.LoraRun loads both)."""
+        return (self.path / paths.LORA).is_file()
+
     @functools.cached_property
     def hparams(self) -> HParams:
         return HParams.from_json(self.path / paths.HPARAMS)
@@ -119,6 +126,35 @@ class ModelSource:
                 " missing file): re-download the model or pick another run"
             )
         return prefix
+
+    def named_checkpoint(self, name: str | None = "latest") -> str:
+        """A checkpoint prefix by name: latest, best (the one a --keep_best run's best.json
+        names) or a checkpoint in the folder such as model-120; checked to exist."""
+        if name in (None, "", "latest"):
+            return self.latest_checkpoint()
+        if name == "best":
+            path = self.path / paths.BEST
+            try:
+                name = json.loads(path.read_text(encoding="utf-8"))["checkpoint"]
+            except FileNotFoundError:
+                raise UserError(f"{self.path} has no best checkpoint ({paths.BEST}): train the"
+                                " run with --keep_best and validation (--val_every with"
+                                " --val_dataset or --val_fraction), or use --checkpoint latest"
+                                ) from None
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise UserError(f"cannot read {path} ({type(e).__name__}: {e}): resuming the"
+                                " run with --keep_best writes it again") from None
+        name = str(name)
+        # Only the folder's own checkpoints: a name is not a path out of it.
+        if os.path.basename(name) != name or name in (".", ".."):
+            raise UserError(f"checkpoint {name!r} is not a checkpoint name (latest, best or"
+                            f" one in {self.path}, such as model-120)")
+        prefix = self.path / name
+        if not Path(str(prefix) + ".index").is_file():
+            have = sorted(f.name[: -len(".index")] for f in self.path.glob("*.index"))
+            raise UserError(f"no checkpoint {name} in {self.path} (its checkpoints:"
+                            f" {', '.join(have) or 'none'}; or latest, best)")
+        return str(prefix)
 
     def __repr__(self) -> str:
         return f"ModelSource({str(self.path)!r})"

@@ -33,7 +33,8 @@ def download(*, model_name, models_dir, base_url, progress):
                       progress=progress)
 
 
-def encode(*, in_path, out_path, model_name, models_dir, encoding, column, field, combine):
+def encode(*, in_path, out_path, model_name, models_dir, encoding, column, field, combine,
+           line_by_line):
     from gpt2tf.data.encode import encode_to_npz
 
     S.check_encoding("encoding", encoding)
@@ -41,7 +42,8 @@ def encode(*, in_path, out_path, model_name, models_dir, encoding, column, field
         _say("warning: --combine has no effect: text is encoded as one stream, documents"
              " joined by <|endoftext|>")
     stats = encode_to_npz(in_path, out_path, model_name=model_name, models_dir=models_dir,
-                          encoding=encoding, column=column, field=field)
+                          encoding=encoding, column=column, field=field,
+                          line_by_line=line_by_line)
     mb = stats["bytes"] / 1e6
     _say(f"wrote {stats['tokens']:,} tokens from {stats['documents']} documents"
          f" ({mb:.1f} MB, {mb / max(stats['seconds'], 1e-9):.1f} MB/s) to {stats['out_path']}")
@@ -77,7 +79,8 @@ def train(*, given: set, **values):
     _say(f"saved {result.checkpoint}")
 
 
-def generate(*, model_name, models_dir, run_name, checkpoint_dir, seed, nsamples, batch_size,
+def generate(*, model_name, models_dir, run_name, checkpoint_dir, checkpoint, seed, nsamples,
+             batch_size,
              length, temperature, top_k, top_p, prefix, prefix_file, field, truncate,
              include_prefix, destination_path, sample_delim, stop_at_eot, precision,
              **steering):
@@ -91,10 +94,11 @@ def generate(*, model_name, models_dir, run_name, checkpoint_dir, seed, nsamples
     if prefix_file:
         prefix = read_prompts(prefix_file, field)
     source = _source(model_name, models_dir, run_name, checkpoint_dir)
+    prefix = source.named_checkpoint(checkpoint)  # latest, best or e.g. model-120
     import_tensorflow()
     from gpt2tf.decode.generator import Generator, generate_texts
 
-    with Generator(source, precision=precision) as gen:
+    with Generator(source, checkpoint=prefix, precision=precision) as gen:
         def show(i, text):
             if not destination_path:
                 print(format_sample(text, sample_delim, nsamples), end="", flush=True)
@@ -134,13 +138,14 @@ def evaluate(*, model_dir, dataset, stride, batch_size, precision, encoding, col
 PROMPT = "Model prompt >>> "
 
 
-def interactive(*, model_name, models_dir, run_name, checkpoint_dir, seed, nsamples,
-                batch_size, length, temperature, top_k, top_p, stop_at_eot, precision,
+def interactive(*, model_name, models_dir, run_name, checkpoint_dir, checkpoint, seed,
+                nsamples, batch_size, length, temperature, top_k, top_p, stop_at_eot, precision,
                 **steering):
     from gpt2tf.decode.engine import SamplingParams
 
     SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, **steering)  # checked
     source = _source(model_name, models_dir, run_name, checkpoint_dir)
+    prefix = source.named_checkpoint(checkpoint)
     import_tensorflow()
     from gpt2tf.decode.generator import Generator, generate_texts
 
@@ -165,7 +170,7 @@ def interactive(*, model_name, models_dir, run_name, checkpoint_dir, seed, nsamp
             banner(i)
             print(text)
 
-    with Generator(source, precision=precision) as gen:
+    with Generator(source, checkpoint=prefix, precision=precision) as gen:
         while True:
             try:
                 prompt = input(PROMPT)
@@ -224,7 +229,7 @@ COMMANDS = {
         summary="Download an OpenAI GPT-2 model into <models_dir>/<model_name>/.",
         notes="An interrupted download resumes when run again."),
     "encode": Command(
-        "encode", encode, S.ENCODE + (S.COMBINE,), positional=("in_path", "out_path"),
+        "encode", encode, S.ENCODE + (S.COMBINE, S.LINE_BY_LINE), positional=("in_path", "out_path"),
         summary="Encode text files, a folder, a glob, .csv or .jsonl into an .npz of token ids."),
     "init": Command(
         "init", init, S.INIT, positional=("out_dir",),
@@ -237,11 +242,11 @@ COMMANDS = {
               " SIGTERM, which save a checkpoint and exit.\nResuming (--restore_from latest),"
               " a flag left out keeps the run's stored value."),
     "generate": Command(
-        "generate", generate, S.MODEL_SOURCE + S.GENERATE,
+        "generate", generate, S.MODEL_SOURCE + (S.CHECKPOINT,) + S.GENERATE,
         summary="Sample text from a model (--model_name) or a fine-tuned run (--run_name).",
         notes="Without --prefix samples are unconditional (they start after <|endoftext|>)."),
     "interactive": Command(
-        "interactive", interactive, S.MODEL_SOURCE + S.INTERACTIVE,
+        "interactive", interactive, S.MODEL_SOURCE + (S.CHECKPOINT,) + S.INTERACTIVE,
         summary="Type a prompt, watch the continuation stream in.",
         notes="Ctrl-C stops a generation, Ctrl-D quits."),
     "eval": Command(

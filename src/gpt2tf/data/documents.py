@@ -278,6 +278,15 @@ def _jsonl_documents(
         yield f"{path}:{lineno}", iter((text,))
 
 
+def _line_documents(path: Path, blocks: Iterable[str]) -> Iterator[tuple[str, Iterator[str]]]:
+    """--line_by_line: each line of a text file is a document, without its line break; blank
+    lines are skipped, as transformers' LineByLineTextDataset does."""
+    for lineno, line in enumerate(_iter_lines(blocks), start=1):
+        text = line.rstrip("\n").rstrip("\r")
+        if text.strip():
+            yield f"{path}:{lineno}", iter((text,))
+
+
 def file_documents(
     path: Path,
     *,
@@ -285,6 +294,7 @@ def file_documents(
     column: int | str,
     field: str,
     progress: ProgressFn | None,
+    line_by_line: bool = False,
 ) -> Iterator[tuple[str, Iterator[str]]]:
     suffix = path.suffix.lower()
     if suffix in ENCODED_SUFFIXES:
@@ -296,6 +306,8 @@ def file_documents(
         yield from _csv_documents(path, blocks, column)
     elif suffix == ".jsonl":
         yield from _jsonl_documents(path, blocks, field)
+    elif line_by_line:
+        yield from _line_documents(path, blocks)
     else:
         yield str(path), blocks
 
@@ -307,17 +319,20 @@ def iter_documents(
     column: int | str = 0,
     field: str = "text",
     progress: ProgressFn | None = None,
+    line_by_line: bool = False,
 ) -> Iterator[tuple[str, Iterator[str]]]:
     """(name, text blocks) of each document under `path`: a file, a folder or a glob.
 
-    A plain text file is one document; each row of a .csv (after its header row; `column` by
+    A plain text file is one document (with `line_by_line`, each of its non-blank lines is
+    one); each row of a .csv (after its header row; `column` by
     index or header name) is one, wrapped as gpt-2-simple does, `<|startoftext|>` + text +
     `<|endoftext|>`; each line of a .jsonl is one (its `field`). Consume each document's blocks
     before moving on to the next.
     """
     for file in resolve_paths(path):
         yield from file_documents(
-            file, encoding=encoding, column=column, field=field, progress=progress
+            file, encoding=encoding, column=column, field=field, progress=progress,
+            line_by_line=line_by_line,
         )
 
 

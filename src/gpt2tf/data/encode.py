@@ -187,6 +187,7 @@ def encode_to_npz(
     field: str = "text",
     encoder: Encoder | None = None,
     progress: bool = True,
+    line_by_line: bool = False,
 ) -> dict:
     """Encode everything under `in_path` into one int32 array `arr_0` in the .npz `out_path`.
 
@@ -230,7 +231,8 @@ def encode_to_npz(
                 doc
                 for file in files
                 for doc in file_documents(
-                    file, encoding=encoding, column=column, field=field, progress=advance
+                    file, encoding=encoding, column=column, field=field, progress=advance,
+                    line_by_line=line_by_line,
                 )
             )
             _encode_documents(documents, encoder, sink)
@@ -264,10 +266,12 @@ def load_tokens(
     encoding: str = "utf-8",
     column: int | str = 0,
     field: str = "text",
+    line_by_line: bool = False,
 ) -> list[np.ndarray]:
     """Training data as token chunks: each array of an .npz, and one chunk per run of text files.
 
-    Text of any kind is encoded on the fly (documents joined by one `<|endoftext|>`). An .npz (or
+    Text of any kind is encoded on the fly (documents joined by one `<|endoftext|>`; with
+    `line_by_line` each line of a plain text file is a document). An .npz (or
     .npy) is loaded without pickle and with its declared sizes checked first (npzreader); its
     arrays must be 1-D integers inside the vocabulary.
     """
@@ -286,7 +290,8 @@ def load_tokens(
             sink = _TokenSink(encoder, pending.append)
             chunks.extend(read_token_file(file, encoder.n_vocab))
             continue
-        docs = file_documents(file, encoding=encoding, column=column, field=field, progress=None)
+        docs = file_documents(file, encoding=encoding, column=column, field=field, progress=None,
+                              line_by_line=line_by_line)
         _encode_documents(docs, encoder, sink)
     flush_text()
     chunks = [c for c in chunks if c.size]

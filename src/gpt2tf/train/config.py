@@ -57,6 +57,15 @@ def require_dataset(cfg) -> None:
         raise FieldError("dataset", "is required: a text file, folder, glob, .csv, .jsonl or .npz")
 
 
+def require_validation(cfg) -> None:
+    """--keep_best and --early_stopping_patience judge checkpoints by their validation loss."""
+    has_val = (cfg.val_dataset or cfg.val_fraction) and cfg.val_every
+    for name in ("keep_best", "early_stopping_patience"):
+        if getattr(cfg, name) and not has_val:
+            raise FieldError(name, "needs validation: give --val_dataset PATH or --val_fraction"
+                             " F, and --val_every N")
+
+
 def check_invocation(*, run_name, restore_from, steps, overwrite) -> None:
     """The per-invocation settings (not stored with the run)."""
     from gpt2tf import paths

@@ -13,6 +13,13 @@ A run directory checkpoint/<run_name>/ holds hparams.json, encoder.json, vocab.b
 checkpoints (model-<step>, OpenAI's layout plus optimizer state), train_config.json,
 metrics.jsonl and TensorBoard events. `--restore_from latest` continues it exactly; flags not
 given on the command line come from its train_config.json.
+
+Validation also judges the run: the lowest val_loss so far (of the validations after a step;
+the one before the first step only shows where training starts), and how many validations in a
+row have not lowered it, are part of each checkpoint's side state, so a resumed run continues
+both. With --keep_best, a validation that lowers it saves a checkpoint at once, which stays
+(best.json names it) until a lower one replaces it; --early_stopping_patience N ends the run,
+saving first, at the N-th validation in a row without a new lowest val_loss.
 """
 
 import dataclasses
@@ -29,13 +36,18 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from gpt2tf import checkpoints, fileio, model, paths, score
+from gpt2tf import checkpoints, fileio, lora, model, paths, score
 from gpt2tf.decode.engine import DecodeEngine, SamplingParams
 from gpt2tf.decode.graph import GraphBackend
 from gpt2tf.decode.generator import session_config
 from gpt2tf.errors import FieldError, UserError
 from gpt2tf.train import run_state
-from gpt2tf.train.config import TrainConfig, check_invocation, require_dataset
+from gpt2tf.train.config import (
+    TrainConfig,
+    check_invocation,
+    require_dataset,
+    require_validation,
+)
 from gpt2tf.train.plan import load_data, plan_run
 from gpt2tf.train.step import TrainStep, check_precision, lm_loss
 
@@ -51,7 +63,8 @@ AVG_DECAY = 0.99  # gpt-2-simple's running average of the loss
 class Graph:
     """The training graph: step, validation loss, sampler, savers, in its own tf.Graph."""
 
-    def __init__(self, cfg: TrainConfig, hparams, encoder, *, window: int):
+    def __init__(self, cfg: TrainConfig, hparams, encoder, *, window: int,
+                 adapters: model.Lora | None = None):
         tf1 = tf.compat.v1
         b, t = cfg.batch_size, window - 1
         self.graph = tf.Graph()
@@ -59,33 +72,40 @@ class Graph:
             self.tokens = tf1.placeholder(tf.int32, [b, window], name="tokens")  # [B, T+1]
             # Inputs with noise when --noise > 0 (drawn by the loop); else the clean tokens.
             self.inputs = tf1.placeholder_with_default(self.tokens[:, :-1], [b, t], "inputs")
+            if adapters is not None:
+                tf1.set_random_seed(cfg.seed)  # the adapters' initial A depends on --seed alone
             self.step = TrainStep(
-                hparams, cfg.step_config(), self.tokens, inputs=self.inputs
+                hparams, cfg.step_config(), self.tokens, inputs=self.inputs, lora=adapters
             )
             self.val_tokens = tf1.placeholder(tf.int32, [None, window], name="val_tokens")
             self.val_loss = lm_loss(
                 hparams, self.val_tokens,
-                precision=check_precision(cfg.precision),
+                precision=check_precision(cfg.precision), lora=adapters,
             )
             # Per-token log-probabilities for the validation perplexity, which scores every
             # validation token once (gpt2tf.score's sliding windows, as `gpt2tf eval` does).
             self.score_tokens = tf1.placeholder(tf.int32, [None, None], name="score_tokens")
             logits = model.model(hparams, self.score_tokens,
-                                 precision=check_precision(cfg.precision))["logits"]
+                                 precision=check_precision(cfg.precision),
+                                 lora=adapters)["logits"]
             logp = tf.nn.log_softmax(logits[:, :-1])  # [B, T-1, V]
             self.score_logprobs = tf.gather(logp, self.score_tokens[:, 1:], batch_dims=2)
             self.sampler = None  # the decode engine over the weights being trained
             if cfg.sample_every and cfg.sample_num:
-                self.sampler = DecodeEngine(GraphBackend(hparams), hparams, encoder)
+                self.sampler = DecodeEngine(GraphBackend(hparams, lora=adapters), hparams,
+                                            encoder)
             step_var = self.step.global_step
             self.model_saver = tf1.train.Saver(self.step.model_variables)
+            lora_vars = self.step.lora_variables
+            self.lora_saver = tf1.train.Saver(lora_vars) if lora_vars else None
             self.step_saver = tf1.train.Saver([step_var])
             opt_vars = self.step.optimizer_variables
             self.opt_saver = tf1.train.Saver(opt_vars) if opt_vars else None
-            # The run's checkpoints: weights (OpenAI's names), step, optimizer state.
+            # The run's checkpoints: weights (OpenAI's names; a LoRA run's adapters instead,
+            # over the frozen base its lora.json names), step, optimizer state.
+            trained = lora_vars or self.step.model_variables
             self.saver = tf1.train.Saver(
-                self.step.model_variables + [step_var] + opt_vars, max_to_keep=None,
-                save_relative_paths=True,
+                trained + [step_var] + opt_vars, max_to_keep=None, save_relative_paths=True,
             )
             self.step_value = tf1.placeholder(tf.int64, [])
             self.set_step = step_var.assign(self.step_value)
@@ -94,7 +114,7 @@ class Graph:
         # What one checkpoint's tensors take on disk: the room each save needs.
         self.checkpoint_bytes = sum(
             v.shape.num_elements() * v.dtype.base_dtype.size
-            for v in self.step.model_variables + [step_var] + opt_vars
+            for v in trained + [step_var] + opt_vars
         )
         self.names = {
             "step": checkpoints.var_name(step_var),
@@ -160,11 +180,17 @@ class Trainer:
     def __init__(self, cfg, plan, data, *, steps, samples_dir, run_name):
         self.cfg, self.plan, self.data = cfg, plan, data
         self.steps, self.samples_dir, self.run_name = steps, Path(samples_dir), run_name
-        self.g = Graph(cfg, plan.hparams, plan.encoder, window=data.window)
+        self.g = Graph(cfg, plan.hparams, plan.encoder, window=data.window,
+                       adapters=plan.lora.spec if plan.lora else None)
         self.session = tf.compat.v1.Session(graph=self.g.graph, config=session_config())
         self.noise_rng = np.random.Generator(np.random.PCG64([cfg.seed, 1]))
         self.avg = [0.0, 0.0]  # gpt-2-simple's running average: (sum, weight)
         self.tokens_seen = 0
+        # The lowest val_loss so far {"step", "val_loss"}, and validations since it was set.
+        self.best_val: dict | None = None
+        self.stale_validations = 0
+        self.best_checkpoint: dict | None = None  # --keep_best: {"checkpoint": name, ...}
+        self.stopped_early = False
         self.start_step = 0
         self.last_saved = None
         self.writer = None
@@ -176,11 +202,15 @@ class Trainer:
     def restore(self) -> None:
         plan, s = self.plan, self.session
         s.run(self.g.init)
-        checkpoints.restore(s, plan.source_prefix, self.g.model_saver, plan.hparams,
-                            fix=plan.fix)
-        _say(f"Loading checkpoint {plan.source_prefix}")
+        # A LoRA run's weights are its base's; its own checkpoints hold the adapters.
+        weights = plan.lora.base_checkpoint if plan.lora else plan.source_prefix
+        checkpoints.restore(s, weights, self.g.model_saver, plan.hparams, fix=plan.fix)
+        _say(f"Loading checkpoint {weights}")
         if not plan.resume:
             return
+        if self.g.lora_saver is not None:
+            _say(f"Loading adapters {plan.source_prefix}")
+            checkpoints.restore_saver(s, plan.source_prefix, self.g.lora_saver, fix=plan.fix)
         names = set(checkpoints.list_checkpoint(plan.source_prefix, fix=plan.fix))
         side = run_state.read_side_state(plan.source_prefix)
         with self.g.graph.as_default():
@@ -222,8 +252,16 @@ class Trainer:
             self.noise_rng = np.random.Generator(bit)
             self.avg = [float(x) for x in side["avg_loss"]]
             self.tokens_seen = int(side.get("tokens", 0))
+            self.best_val = _best_record(side.get("best_val"))
+            self.stale_validations = int(side.get("stale_validations", 0))
+            self.best_checkpoint = _best_record(side.get("best_checkpoint"), checkpoint=True)
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"bad side state for {self.plan.source_prefix} ({e})") from None
+        if sampler_state.get("sample_mode", "windows") != self.cfg.sample_mode:
+            log.warning(
+                "the checkpoint was trained with --sample_mode %s, this run uses %s: training"
+                " continues, but not with the data order of the run",
+                sampler_state.get("sample_mode", "windows"), self.cfg.sample_mode)
 
     # run files -------------------------------------------------------------------------------
 
@@ -250,9 +288,11 @@ class Trainer:
         self.checkpoints = run_state.RunCheckpoints(
             run_dir, self.g.saver, max_checkpoints=self.cfg.max_checkpoints,
             replace_others=plan.replace_run, checkpoint_bytes=self.g.checkpoint_bytes,
+            keep_best=self.cfg.keep_best,
         )
         if plan.resume:
             self.checkpoints.remove_orphans_after(self.start_step)
+            self._resume_best()
         self.metrics = run_state.MetricsLog(
             run_dir / paths.METRICS,
             keep_through_step=self.start_step if plan.resume else None, defer=replace_files,
@@ -278,8 +318,26 @@ class Trainer:
                 tf.compat.v1.SessionLog(status=tf.compat.v1.SessionLog.START), self.start_step
             )
 
+    def _resume_best(self) -> None:
+        """The best checkpoint the restored side state names, if it is still there; best.json
+        rewritten to match (a crash may have come between a commit and its update)."""
+        best = self.best_checkpoint
+        if best is None or not self.cfg.keep_best:
+            self.best_checkpoint = None  # (without --keep_best it is pruned as any other)
+            return
+        prefix = self.checkpoints.prefix_of(best["step"])
+        if not Path(prefix + ".index").is_file():
+            log.warning("the best checkpoint %s is gone: the next validation's checkpoint"
+                        " becomes the best", prefix)
+            self.best_checkpoint = None
+            return
+        self.checkpoints.best = {**best, "checkpoint": prefix}
+        if not self.plan.replace_run:
+            self.checkpoints.sync_best_file()
+
     def _write_run_files(self, folder: Path | None = None) -> None:
-        """hparams, vocabulary (unless the run is its own source) and train_config.json."""
+        """hparams, vocabulary (unless the run is its own source), train_config.json and,
+        for a LoRA run, lora.json."""
         run_dir = self.plan.run_dir
         folder = run_dir if folder is None else folder
         if self.plan.source.path.resolve() != run_dir.resolve():
@@ -288,6 +346,7 @@ class Trainer:
                 with fileio.atomic_open(folder / name, "wb") as f:
                     f.write(content)
         fileio.write_json(folder / paths.TRAIN_CONFIG, self.cfg.to_dict())
+        lora.write_record(folder, self.plan.lora)
 
     # work ------------------------------------------------------------------------------------
 
@@ -365,6 +424,9 @@ class Trainer:
             "noise_rng": self.noise_rng.bit_generator.state,
             "avg_loss": self.avg,
             "tokens": self.tokens_seen,
+            "best_val": self.best_val,
+            "stale_validations": self.stale_validations,
+            "best_checkpoint": self.best_checkpoint,
         }
         _say(f"Saving {self.plan.run_dir / f'{run_state.RUN_PREFIX}-{step}'}")
         self.metrics.sync()
@@ -418,19 +480,52 @@ class Trainer:
                     " --learning_rate or set --max_grad_norm (the last checkpoint is intact)"
                 )
             validate = self.data.val_windows is not None and step % cfg.val_every == 0
+            new_best = False
             if validate:
                 record["val_loss"] = self.validate()
                 record["val_perplexity"] = self.val_perplexity()
+                new_best = self._judge(step, record["val_loss"])
             if step % cfg.print_every == 0 or validate:
                 self._log(record)
                 self._progress(record, started, step_time, done)
-            if cfg.save_every and step % cfg.save_every == 0:
+            if new_best or (cfg.save_every and step % cfg.save_every == 0):
                 self.save(step)
+            if validate and self._patience_spent(step):
+                break
             if self.g.sampler is not None and step % cfg.sample_every == 0:
                 self.sample(step, stop)
         if self.last_saved != step and (step != self.start_step or not self.plan.resume):
             self.save(step)  # (a resumed run stopped before its first step changed nothing)
         return step
+
+    def _judge(self, step: int, val_loss: float) -> bool:
+        """Count a validation towards early stopping; True if --keep_best keeps its checkpoint
+        (saved right away, as the weights it judged are only there until the next step)."""
+        if self.best_val is None or val_loss < self.best_val["val_loss"]:
+            self.best_val = {"step": step, "val_loss": val_loss}
+            self.stale_validations = 0
+        else:
+            self.stale_validations += 1
+        kept = self.best_checkpoint
+        if not self.cfg.keep_best or (kept is not None and val_loss >= kept["val_loss"]):
+            return False
+        self.best_checkpoint = {"checkpoint": f"{run_state.RUN_PREFIX}-{step}", "step": step,
+                                "val_loss": val_loss}
+        self.checkpoints.best = {**self.best_checkpoint,
+                                 "checkpoint": self.checkpoints.prefix_of(step)}
+        _say(f"New best val_loss {val_loss:.4f} at step {step}")
+        return True
+
+    def _patience_spent(self, step: int) -> bool:
+        patience = self.cfg.early_stopping_patience
+        if not patience or self.stale_validations < patience:
+            return False
+        best = self.best_val
+        _say(f"Early stopping at step {step}: val_loss has not gone below {best['val_loss']:.4f}"
+             f" (step {best['step']}) in {self.stale_validations} validations"
+             f" (--early_stopping_patience {patience})")
+        self.stopped_early = True
+        return True
 
     def _progress(self, record: dict, started: float, step_time: float, done: int) -> None:
         line = (
@@ -455,11 +550,23 @@ class Trainer:
 # --- entry points -----------------------------------------------------------------------------
 
 
+def _best_record(value, *, checkpoint: bool = False) -> dict | None:
+    """A side state's best_val / best_checkpoint, checked (a TypeError/ValueError if bad)."""
+    if value is None:
+        return None
+    out = {"step": int(value["step"]), "val_loss": float(value["val_loss"])}
+    if checkpoint:
+        out = {"checkpoint": str(value["checkpoint"]), **out}
+    return out
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
     step: int  # the step of the last checkpoint
     checkpoint: str
+    best_checkpoint: str | None = None  # --keep_best: the checkpoint of the lowest val_loss
+    stopped_early: bool = False  # --early_stopping_patience ended the run
 
 
 def train(
@@ -499,6 +606,8 @@ def train(
             config = {**config, "model_name": used}
     cfg = TrainConfig.resolve(config, plan.stored)
     require_dataset(cfg)
+    require_validation(cfg)
+    plan = lora.plan_adapters(plan, lora.spec_of(cfg))
     if cfg.seed is None:
         cfg = dataclasses.replace(cfg, seed=secrets.randbits(31))
     if cfg.lr_schedule == "cosine" and not cfg.lr_decay_steps:
@@ -524,5 +633,8 @@ def train(
         ) from None
     finally:
         trainer.close()
-    return TrainResult(run_dir=run_dir, step=step, checkpoint=str(trainer.checkpoints.kept[-1]))
+    best = trainer.checkpoints.best
+    return TrainResult(run_dir=run_dir, step=step, checkpoint=str(trainer.checkpoints.kept[-1]),
+                       best_checkpoint=best["checkpoint"] if best else None,
+                       stopped_early=trainer.stopped_early)
 

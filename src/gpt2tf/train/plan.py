@@ -31,6 +31,8 @@ class Plan:
     hparams: object
     encoder: object
     stored: dict | None  # the run's train_config.json when resuming
+    # gpt2tf.lora.Record: the adapters trained and the base under them (None: every weight)
+    lora: object = None
 
 
 def _source_of(restore_from: str) -> tuple[ModelSource, str]:
@@ -49,7 +51,7 @@ def _source_of(restore_from: str) -> tuple[ModelSource, str]:
 def plan_run(
     *, run_dir: Path, restore_from: str, overwrite: bool, model_name: str, models_dir: str
 ) -> Plan:
-    from gpt2tf import checkpoints
+    from gpt2tf import checkpoints, lora
 
     latest = run_state.latest_committed(run_dir) if run_dir.is_dir() else None
     resume = restore_from == "latest" and latest is not None
@@ -71,7 +73,11 @@ def plan_run(
     hparams, encoder = source.hparams, source.encoder
     # A damaged checkpoint of the run itself: say how to continue (an earlier one, or afresh).
     fix = run_state.resume_fix(run_dir, prefix) if resume else checkpoints.DEFAULT_FIX
-    checkpoints.check_compatible(prefix, hparams, fix=fix)
+    record = lora.read_record(source.path)  # a LoRA run's checkpoints hold adapters only
+    if record is None:
+        checkpoints.check_compatible(prefix, hparams, fix=fix)
+    else:
+        lora.check_run(record, prefix, hparams, resume=resume, fix=fix)
     stored = None
     if resume and (run_dir / paths.TRAIN_CONFIG).is_file():
         try:
@@ -83,7 +89,7 @@ def plan_run(
     return Plan(
         run_dir=run_dir, source=source, source_prefix=prefix, resume=resume, fix=fix,
         replace_run=overwrite and latest is not None, hparams=hparams, encoder=encoder,
-        stored=stored,
+        stored=stored, lora=record,
     )
 
 
@@ -105,19 +111,30 @@ def load_data(cfg: TrainConfig, plan: Plan, *, seed: int) -> Data:
         raise FieldError("seq_len", f"{seq_len} exceeds the model window n_ctx={hp.n_ctx}")
     window = seq_len + 1  # T inputs and T next-token targets
 
+    eot = plan.encoder.eot_token
+    if cfg.sample_mode == "documents" and eot is None:
+        raise FieldError("sample_mode", "documents needs an <|endoftext|> token to find where"
+                         " documents start, and the model's vocabulary has none: use windows")
+
     def load(path):
         return load_tokens(
             str(path), encoder=plan.encoder, encoding=cfg.encoding, column=cfg.column,
-            field=cfg.field,
+            field=cfg.field, line_by_line=cfg.line_by_line,
         )
 
-    train = Sampler(load(cfg.dataset), seed=seed)
+    train = Sampler(load(cfg.dataset), seed=seed, mode=cfg.sample_mode, eot=eot)
     val = None
     if cfg.val_dataset:
-        val = Sampler(load(cfg.val_dataset), seed=seed)
+        val = Sampler(load(cfg.val_dataset), seed=seed, mode=cfg.sample_mode, eot=eot)
     elif cfg.val_fraction:
         train, val = train.split(cfg.val_fraction)
     train.fixed_windows(window, 1)  # a UserError now if no window fits
+    coverage = train.coverage(window)
+    if coverage < 0.9:
+        log.warning(
+            "--sample_mode documents: windows hold only %.0f%% of the training tokens (a"
+            " document longer than the %d-token window is cut at it): use --sample_mode"
+            " windows to train on all of them", 100 * coverage, window)
     val_windows = None
     if val is not None:
         if cfg.val_every == 0:

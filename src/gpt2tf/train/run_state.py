@@ -7,12 +7,15 @@ The order of a save is what makes a run survive kill -9 at any moment:
    is written atomically;
 3. the `checkpoint` state file is replaced atomically to name model-<step>: the commit point;
 4. `counter` (gpt-2-simple's step file) is written atomically;
-5. only then are checkpoints beyond max_checkpoints (or, with --overwrite, from an earlier run)
-   deleted.
+5. with --keep_best, best.json is replaced atomically to name the checkpoint of the lowest
+   validation loss (which the side file of every later checkpoint also records);
+6. only then are checkpoints beyond max_checkpoints (or, with --overwrite, from an earlier run)
+   deleted; the best one stays, and is recorded in `checkpoint` too.
 
 A crash before 3 leaves `checkpoint` naming the previous, complete checkpoint (a half-written
 model-<step> is ignored and overwritten by the next save of that step). A crash after 3 leaves
-the new one complete. Disk full at any point is a UserError, and the previous checkpoint stays.
+the new one complete; if best.json still names the previous best (not deleted yet), a resumed
+run rewrites it from the side file of the checkpoint it resumes from. Disk full at any point is a UserError, and the previous checkpoint stays.
 
 What an interrupted save leaves besides (TF's `*.tempstate<n>` files, which can be as large as
 the checkpoint and keep a full disk full) is removed when a run resumes and before each save,
@@ -49,7 +52,7 @@ _TEMP_FILE = re.compile(
     _CKPT_NAME + r"(?:\.index|\.data-\d{5}-of-\d{5})\.tempstate\d+"
     r"|\.(?:" + _CKPT_NAME + re.escape(STATE_SUFFIX)
     + r"|checkpoint|counter|hparams\.json|encoder\.json|vocab\.bpe|train_config\.json"
-    r"|metrics\.jsonl)\.[A-Za-z0-9_]+\.tmp"
+    r"|metrics\.jsonl|best\.json)\.[A-Za-z0-9_]+\.tmp"
 )
 _TEMP_DIR = re.compile(_CKPT_NAME + r"_temp(?:_[0-9a-f]+)?")
 SAVE_MARGIN = 1 << 20  # beyond the tensors: the .index, the side file, `checkpoint`, `counter`
@@ -150,6 +153,22 @@ def read_side_state(prefix: str) -> dict | None:
         raise UserError(f"cannot read {path} ({e}): the run's side state is damaged") from None
 
 
+def read_best(run_dir: Path) -> dict | None:
+    """The run's best.json ({"checkpoint": "model-<step>", "step", "val_loss"}), or None."""
+    path = Path(run_dir) / paths.BEST
+    try:
+        best = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e}): delete it, and a resumed run writes it"
+                        " again") from None
+    if not isinstance(best, dict) or not isinstance(best.get("checkpoint"), str):
+        raise UserError(f"{path} does not name a checkpoint: delete it, and a resumed run"
+                        " writes it again")
+    return best
+
+
 def read_counter(run_dir: Path) -> int | None:
     try:
         return int((run_dir / COUNTER).read_text(encoding="utf-8").strip())
@@ -211,8 +230,12 @@ class RunCheckpoints:
     """Saves and prunes model-<step> checkpoints of one run directory (see the module doc)."""
 
     def __init__(self, run_dir: Path, saver, *, max_checkpoints: int, replace_others: bool,
-                 checkpoint_bytes: int = 0):
+                 checkpoint_bytes: int = 0, keep_best: bool = False):
         self.run_dir = Path(run_dir)
+        # --keep_best: the checkpoint of the lowest val_loss (a prefix), kept beside the latest
+        # ones. The trainer sets it from the side state it resumes from and on each new best.
+        self.keep_best = keep_best
+        self.best: dict | None = None  # {"checkpoint": prefix, "step", "val_loss"}
         self.saver = saver
         # The tensors the saver writes (weights, step, optimizer slots): room checked per save.
         self.checkpoint_bytes = checkpoint_bytes
@@ -223,8 +246,11 @@ class RunCheckpoints:
         _, recorded = checkpoint_state(self.run_dir) if not replace_others else (None, [])
         self.kept: list[str] = [p for p in recorded if Path(p + ".index").is_file()]
 
+    def prefix_of(self, step: int) -> str:
+        return str(self.run_dir / f"{RUN_PREFIX}-{step}")
+
     def save(self, session, step: int, side_state: dict) -> str:
-        prefix = str(self.run_dir / f"{RUN_PREFIX}-{step}")
+        prefix = self.prefix_of(step)
         for f in remove_leftovers(self.run_dir):
             log.info("removed %s, left by an interrupted save", f)
         self.check_free_space(f"save checkpoint {prefix}")
@@ -270,11 +296,29 @@ class RunCheckpoints:
                 write_state=False, write_meta_graph=False,
             )
         fileio.write_json(prefix + STATE_SUFFIX, {"step": step, **side_state})
-        kept = [p for p in self.kept if p != prefix] + [prefix]
-        kept = kept[-self.max_checkpoints:] if self.max_checkpoints > 0 else kept
+        best = self.best["checkpoint"] if self.keep_best and self.best else None
+        latest = [p for p in self.kept if p not in (prefix, best)] + [prefix]
+        kept = latest[-self.max_checkpoints:] if self.max_checkpoints > 0 else latest
+        if best is not None and best not in kept:
+            kept = [best] + kept  # older than every latest one: `checkpoint` lists by age
         write_checkpoint_state(self.run_dir, kept)  # the commit point
         self.kept = kept
         fileio.write_text(self.run_dir / COUNTER, f"{step}\n")
+        self.sync_best_file()
+
+    def sync_best_file(self) -> None:
+        """Make best.json name the best checkpoint (none: remove it). Called after a commit
+        point only, so what it names is committed; before the old best is deleted."""
+        path = self.run_dir / paths.BEST
+        if self.keep_best and self.best:
+            record = {**self.best, "checkpoint": os.path.basename(self.best["checkpoint"])}
+            text = json.dumps(record, indent=2) + "\n"
+            with contextlib.suppress(OSError):
+                if path.read_text(encoding="utf-8") == text:
+                    return
+            fileio.write_text(path, text)
+        else:
+            path.unlink(missing_ok=True)
 
     def _move_aside(self, prefix: str) -> None:
         """--overwrite: an earlier run's checkpoint has the name we are about to write.
