@@ -172,11 +172,15 @@ def test_decode_replaces_a_cut_character(fast):
     assert fast.decode(ids[:1]) == "\ufffd"
 
 
-def test_only_gpt2_files_take_the_fast_path(gpt2_files):
+def test_rewritten_gpt2_files_take_the_fast_path_by_their_merge_order(gpt2_files, pure):
     encoder_json, vocab_bpe = gpt2_files
-    changed = Encoder.from_bytes(encoder_json, vocab_bpe + b"\n", source="edited")
-    assert not changed.is_fast  # same merges, different bytes: the sha256 check says no
-    assert changed.encode("hello world") == [31373, 995]
+    # The same vocabulary in other bytes (as HuggingFace's vocab.json): no sha256 match, but its
+    # ids follow its merge order, which is what makes tiktoken exact.
+    rewritten = json.dumps(json.loads(encoder_json), indent=1).encode()
+    changed = Encoder.from_bytes(rewritten, vocab_bpe + b"\n", source="rewritten")
+    assert changed.is_fast
+    for text in MIXED_CORPUS.values():
+        assert changed.encode(text) == pure.encode(text)
 
 
 def test_byte_level_ids_are_gpt2_single_byte_ids(gpt2_files):
@@ -234,17 +238,44 @@ def _vocab_with_merges(merges: list[str]) -> tuple[bytes, bytes]:
 def test_merges_apply_in_rank_order():
     ab_first = Encoder.from_bytes(*_vocab_with_merges(["a b", "b c"]))
     bc_first = Encoder.from_bytes(*_vocab_with_merges(["b c", "a b"]))
-    assert not ab_first.is_fast  # not GPT-2's files: the pure path
+    assert ab_first.is_fast and bc_first.is_fast  # ids in merge order: tiktoken is exact
     assert ab_first.bpe("abc") == ("ab", "c")
     assert bc_first.bpe("abc") == ("a", "bc")
     assert ab_first.bpe("abab") == ("ab", "ab")
     assert ab_first.bpe("aaa") == ("a", "a", "a")
     assert ab_first.decode(ab_first.encode("abc abc")) == "abc abc"
+    for merges in (["a b", "b c"], ["b c", "a b"]):
+        text = "abc cab abcabc bcab aaa"
+        fast, pure = (Encoder.from_bytes(*_vocab_with_merges(merges), fast=f) for f in (True, False))
+        assert fast.is_fast and not pure.is_fast
+        assert fast.encode(text) == pure.encode(text)
 
 
-def test_fast_true_refuses_an_unknown_vocabulary():
-    with pytest.raises(UserError, match="only exact"):
-        Encoder.from_bytes(*_vocab_with_merges(["a b"]), fast=True)
+def _swap_ids(files: tuple[bytes, bytes], a: str, b: str) -> tuple[bytes, bytes]:
+    vocab = json.loads(files[0])
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    return json.dumps(vocab).encode(), files[1]
+
+
+@pytest.mark.parametrize("files, why", [
+    # Ids against the merge order: tiktoken would join b+c before a+b.
+    (_swap_ids(_vocab_with_merges(["a b", "b c"]), "ab", "bc"), "not in merge order"),
+    # A merge that joins a token only a later merge makes.
+    (_vocab_with_merges(["ab c", "a b"]), "no earlier merge makes"),
+    # Every rank in order, but `abc` is ab+c while the merges leave a+bc: tiktoken, which joins
+    # any two parts whose bytes are a token, would make abc.
+    (_vocab_with_merges(["b c", "a b", "ab c"]), "spell token 'abc' as a bc"),
+])
+def test_vocabularies_tiktoken_would_misread_stay_on_the_pure_path(files, why):
+    enc = Encoder.from_bytes(*files)
+    assert not enc.is_fast
+    with pytest.raises(UserError, match=why):
+        Encoder.from_bytes(*files, fast=True)
+    ids = enc.encode("abc abcab")
+    assert enc.decode(ids) == "abc abcab"
+    if "spell" in why:  # what tiktoken would have said: the check is needed
+        assert ids[:2] == [enc.encoder["a"], enc.encoder["bc"]]
+        assert enc._build_tiktoken().encode("abc")[0] == enc.encoder["abc"]
 
 
 def test_unknown_token_id_is_a_user_error(tiny):

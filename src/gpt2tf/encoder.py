@@ -1,14 +1,16 @@
-"""OpenAI's byte-level BPE (encoder.json + vocab.bpe), exact, with a native fast path.
+"""Byte-level BPE in OpenAI's format (encoder.json + vocab.bpe), exact, with a native fast path.
 
 Text is first split by GPT-2's regex pre-tokenizer; each piece's UTF-8 bytes are mapped to
 printable characters (`bytes_to_unicode`) and merged pairwise in vocab.bpe's rank order. The
-pure-Python implementation here is the reference. When the two files are byte-for-byte GPT-2's
-(checked by sha256), the same vocabulary is handed to tiktoken's Rust BPE, which gives the same
-ids many times faster; tests compare both paths.
+pure-Python implementation here is the reference. Any vocabulary whose ids follow its merge
+order (GPT-2's, and every one `gpt2tf tokenizer train` writes) is also handed to tiktoken's
+Rust BPE, which gives the same ids many times faster (see `Encoder._tiktoken_mismatch` for the
+exact condition); tests compare both paths. GPT-2's own files are recognised by sha256 and
+skip the checks.
 
 Unlike OpenAI's encoder (and nshepperd's and gpt-2-simple's, which copy it), `<|endoftext|>` in the
-text becomes the single token 50256 instead of seven plain-text tokens. No file I/O here: the
-caller passes the files' bytes (see `gpt2tf.source.ModelSource.encoder`).
+text becomes the single end-of-text token (50256 in GPT-2) instead of seven plain-text tokens.
+No file I/O here: the caller passes the files' bytes (see `gpt2tf.source.ModelSource.encoder`).
 """
 
 import functools
@@ -142,10 +144,10 @@ class Encoder:
     merges best first, or is a function returning them, called when first needed (GPT-2's fast
     path never needs them: its files are verified by sha256).
 
-    `fast=None` uses tiktoken when it is known to give identical ids: `tiktoken_exact` (the
-    caller vouches for the files; `from_bytes` sets it for GPT-2's own, by sha256) or a
-    vocabulary without merges. `fast=False` forces the pure-Python reference; `fast=True`
-    requires tiktoken.
+    `fast=None` uses tiktoken when it gives identical ids: when the vocabulary passes
+    `_tiktoken_mismatch` (any BPE-trained vocabulary numbered in merge order does), or when the
+    caller vouches for it with `tiktoken_exact` (`from_bytes` sets it for GPT-2's own files, by
+    sha256). `fast=False` forces the pure-Python reference; `fast=True` requires tiktoken.
     """
 
     def __init__(
@@ -177,13 +179,14 @@ class Encoder:
         self._id_bytes = self._all_token_bytes()
 
         self._tiktoken_exact = tiktoken_exact
-        exact = tiktoken_exact or not self.bpe_ranks
-        if fast and not exact:
+        # fast=False never needs the verdict: skip its cost (one BPE run per token).
+        mismatch = None if tiktoken_exact or fast is False else self._tiktoken_mismatch()
+        if fast and mismatch:
             raise UserError(
-                f"{source}: the tiktoken fast path is only exact for GPT-2's own vocabulary;"
-                " use fast=None or fast=False"
+                f"{source}: the tiktoken fast path would not give this vocabulary's ids"
+                f" ({mismatch}); use fast=None or fast=False"
             )
-        self._tiktoken = self._build_tiktoken() if (fast is None and exact) or fast else None
+        self._tiktoken = None if fast is False or mismatch else self._build_tiktoken()
 
     @classmethod
     def from_bytes(
@@ -239,6 +242,41 @@ class Encoder:
                 " belongs to another vocabulary; re-download the model"
             )
 
+    def _tiktoken_mismatch(self) -> str | None:
+        """Why tiktoken could give other ids than the merges, or None when it gives the same.
+
+        tiktoken ranks byte strings, not pairs: it joins the adjacent parts whose joined bytes
+        have the lowest rank (here: the lowest id), and a piece that is a token becomes that
+        token at once. That reproduces the merges exactly when (1) each merge makes a new
+        token, numbered after the previous merge's (ids follow the merge order); (2) both halves
+        of a merge are bytes or made by earlier merges, so merging ranks only ever rise; and (3)
+        each token's own bytes merge back into that token, so no other split of it (`a`+`bc`
+        for `ab`+`c`) can be joined where the merges would not join it. Every vocabulary BPE
+        training writes has all three (GPT-2's does); a hand-edited one may lack them.
+        """
+        ids = self.encoder
+        made = set(self.byte_decoder)  # bytes first: no merge's rank is compared with theirs
+        last = -1
+        for (first, second), rank in sorted(self.bpe_ranks.items(), key=lambda m: m[1]):
+            token = first + second
+            where = f"vocab.bpe merge {rank + 1} ({first} {second})"
+            if token == ENDOFTEXT:
+                return f"{where} makes {ENDOFTEXT}, which tiktoken keeps as a special token"
+            if ids[token] <= last:
+                return (f"{where} makes id {ids[token]}, not one above the previous merge's"
+                        f" {last}: the ids are not in merge order")
+            for half in (first, second):
+                if half not in made:
+                    return f"{where} joins {half!r}, which no earlier merge makes"
+            made.add(token)
+            last = ids[token]
+        for (first, second), rank in self.bpe_ranks.items():
+            if self.bpe(first + second) != (first + second,):
+                return (f"the merges spell token {first + second!r} as"
+                        f" {' '.join(self.bpe(first + second))}: vocab.bpe merge {rank + 1}"
+                        " cannot apply")
+        return None
+
     def _all_token_bytes(self) -> list[bytes | None]:
         """id -> the token's raw bytes (None for unused ids)."""
         out: list[bytes | None] = [None] * self.n_vocab
@@ -265,14 +303,16 @@ class Encoder:
     def _build_tiktoken(self):
         import tiktoken
 
-        # tiktoken ranks whole byte strings: a pair merges when its joined bytes have a rank. With
-        # GPT-2's files (and with no merges at all) that picks the same merges as the pair ranks,
-        # so the mergeable ranks are the 256 bytes plus each merge's result, under their own ids.
-        if self._tiktoken_exact:
+        # tiktoken ranks whole byte strings: a pair merges when its joined bytes have a rank.
+        # Where ids follow the merge order (see _tiktoken_mismatch) that picks the same merges
+        # as the pair ranks, so the mergeable ranks are the 256 bytes plus each merge's result,
+        # under their own ids. Special tokens stay out: no merge makes them.
+        if self._tiktoken_exact:  # GPT-2's files: every token but <|endoftext|> is one of those
             eot = self.encoder.get(ENDOFTEXT)
             ranks = {b: i for i, b in enumerate(self._id_bytes) if b is not None and i != eot}
-        else:  # no merges: the 256 bytes alone
-            ranks = {self._id_bytes[self.encoder[ch]]: self.encoder[ch] for ch in self.byte_decoder}
+        else:
+            tokens = [*self.byte_decoder, *(a + b for a, b in self.bpe_ranks)]
+            ranks = {self._id_bytes[self.encoder[t]]: self.encoder[t] for t in tokens}
         special = {ENDOFTEXT: self.eot_token} if self.eot_token is not None else {}
         return tiktoken.Encoding(
             name=f"gpt2tf:{self.source}",
