@@ -94,8 +94,8 @@ def generate(*, model_name, models_dir, run_name, checkpoint_dir, checkpoint, se
     if prefix_file:
         prefix = read_prompts(prefix_file, field)
     source = _source(model_name, models_dir, run_name, checkpoint_dir)
+    import_tensorflow()  # quietly, before reading `checkpoint` needs TensorFlow
     prefix = source.named_checkpoint(checkpoint)  # latest, best or e.g. model-120
-    import_tensorflow()
     from gpt2tf.decode.generator import Generator, generate_texts
 
     with Generator(source, checkpoint=prefix, precision=precision) as gen:
@@ -145,8 +145,8 @@ def interactive(*, model_name, models_dir, run_name, checkpoint_dir, checkpoint,
 
     SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, **steering)  # checked
     source = _source(model_name, models_dir, run_name, checkpoint_dir)
-    prefix = source.named_checkpoint(checkpoint)
     import_tensorflow()
+    prefix = source.named_checkpoint(checkpoint)
     from gpt2tf.decode.generator import Generator, generate_texts
 
     # A shell starts background jobs with SIGINT ignored; this loop is driven by Ctrl-C.
