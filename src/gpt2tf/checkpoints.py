@@ -135,7 +135,8 @@ def op_error_line(e: Exception) -> str:
 
 
 def read_weights(prefix: str) -> dict[str, np.ndarray]:
-    """Every model weight of a checkpoint as numpy arrays (optimizer state left out)."""
+    """Every model weight of a checkpoint as numpy arrays (optimizer state and LoRA adapters
+    left out: gpt2tf.lora reads those)."""
     list_checkpoint(prefix)  # a clear error for unreadable or truncated files
     try:
         reader = tf.train.load_checkpoint(prefix)
@@ -143,6 +144,7 @@ def read_weights(prefix: str) -> dict[str, np.ndarray]:
             name: reader.get_tensor(name)
             for name in reader.get_variable_to_shape_map()
             if name.startswith("model/") and "/Adam" not in name and "/Momentum" not in name
+            and not model.is_lora_name(name)
         }
     except (tf.errors.OpError, IndexError) as e:  # a damaged data file: IndexError from numpy
         raise UserError(

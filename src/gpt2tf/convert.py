@@ -4,6 +4,10 @@
 `AutoTokenizer.from_pretrained` load offline: model.safetensors, config.json, vocab.json,
 merges.txt and the small tokenizer/generation files. It never imports PyTorch.
 
+`to_hf(..., lora=True)` writes a LoRA run's adapters as a PEFT adapter folder instead
+(adapter_config.json, adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads
+onto the run's base converted with `to_hf`.
+
 `from_hf` goes the other way: a HuggingFace GPT-2 directory (model.safetensors, sharded or not, or
 pytorch_model.bin when PyTorch is installed) becomes OpenAI's seven-file layout, which our train,
 generate and serve commands load directly.
@@ -38,6 +42,9 @@ HF_MERGES = "merges.txt"  # = OpenAI's vocab.bpe
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 HF_SPECIAL_TOKENS = "special_tokens_map.json"
 HF_GENERATION_CONFIG = "generation_config.json"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel's name for the model it wraps
 
 PREFIX = "transformer."  # GPT2LMHeadModel's name for the GPT2Model inside it
 LM_HEAD = "lm_head.weight"
@@ -84,8 +91,9 @@ def expected_shapes(hparams: HParams) -> dict[str, list[int]]:
 # === OpenAI layout -> HuggingFace ===
 
 
-def to_hf(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def to_hf(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, lora: bool = False) -> Path:
     """Write a HuggingFace GPT-2 directory from a model or run directory; returns out_dir.
+    With `lora`, write the PEFT adapter of a LoRA run instead (see `to_peft`).
 
     `out_dir` must not exist or be empty. It is written as a temporary sibling folder and renamed
     at the end, so it never holds half a model.
@@ -94,9 +102,16 @@ def to_hf(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
     from gpt2tf import checkpoints
 
+    if lora:
+        return to_peft(src_dir, out_dir)
     source = ModelSource.at(src_dir)
     out_dir = Path(out_dir)
     fileio.check_new_dir(out_dir)
+    if source.is_lora:
+        raise UserError(f"{source.path} is a LoRA run (its checkpoints hold adapters only):"
+                        " --lora writes them as a PEFT adapter for its converted base, or"
+                        f" `gpt2tf lora merge {source.path} OUT_DIR` makes a full model to"
+                        " convert")
     hparams = source.hparams
     encoder_json, vocab_bpe = source.vocab_files
     eot = eot_id(encoder_json, hparams, source=str(source.path))
@@ -126,6 +141,60 @@ def to_hf(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
             with fileio.atomic_open(tmp / name, "wb") as f:
                 f.write(content)
     return out_dir
+
+
+def peft_name(name: str) -> str:
+    """An adapter's checkpoint name -> PEFT's state-dict name for GPT-2's Conv1D modules.
+
+    model/h0/attn/c_attn/lora_A -> base_model.model.transformer.h.0.attn.c_attn.lora_A.weight
+    """
+    layer, leaf = name.rsplit("/", 1)
+    return PEFT_PREFIX + hf_name(layer + "/w")[: -len(".weight")] + f".{leaf}.weight"
+
+
+def to_peft(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write a LoRA run's adapters as a PEFT adapter folder; returns out_dir.
+
+    PEFT's layers are torch Linears: lora_A.weight is [R, nx] and lora_B.weight [nf, R], the
+    transposes of ours (A: [nx, R], B: [R, nf]). fan_in_fan_out=True tells PEFT that the base
+    Conv1D stores its weight as [nx, nf], so a merge there adds (A B) untransposed, as ours.
+    """
+    from safetensors.numpy import save_file
+
+    from gpt2tf.lora import LoraRun
+
+    out_dir = Path(out_dir)
+    fileio.check_new_dir(out_dir)
+    run = LoraRun(ModelSource.at(src_dir))
+    tensors = {peft_name(name): np.ascontiguousarray(a.astype(np.float32).T)
+               for name, a in run.adapters().items()}
+    with fileio.publish_dir(out_dir, make_parents=True) as tmp:
+        save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        fileio.fsync_file(tmp / PEFT_WEIGHTS)
+        fileio.write_json(tmp / PEFT_CONFIG, peft_config(run.spec, base=run.base_prefix))
+    return out_dir
+
+
+def peft_config(spec, *, base: str) -> dict:
+    """adapter_config.json: PEFT's LoraConfig for adapters of a gpt2tf.model.Lora."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        # Where the base came from (our checkpoint); convert it with to-hf to load this onto.
+        "base_model_name_or_path": os.path.dirname(base),
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": 0.0,
+        # PEFT matches a module whose name ends with ".<target>": attn/c_proj -> attn.c_proj
+        "target_modules": [t.replace("/", ".") for t in spec.targets],
+        "fan_in_fan_out": True,  # GPT-2's Conv1D weight is [in, out]
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
 
 
 def eot_id(encoder_json: bytes, hparams: HParams, *, source: str) -> int | None:

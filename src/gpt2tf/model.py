@@ -8,6 +8,10 @@ Two ways to attend:
 - training and scoring: `cache=None`, a causal mask over the T positions of X;
 - decoding: a `cache` object (see gpt2tf.sample.KVCache) keeps keys/values of earlier positions,
   so each new token costs one position, not the whole prefix.
+
+With `lora` (a `Lora`), the chosen conv1d layers also read low-rank adapters, variables beside
+their weight (`model/h3/attn/c_attn/lora_A`, `lora_B`): the graph stays a pure function of its
+inputs and variables, and OpenAI's weights are untouched (gpt2tf.lora trains, merges, exports).
 """
 
 import math
@@ -37,6 +41,31 @@ class Precision:
 FP32 = Precision(tf.float32)
 BF16 = Precision(tf.bfloat16)
 
+# The conv1d layers adapters may go on, as PEFT's target_modules name them for GPT-2: a bare
+# name matches it in every block ("c_proj": attention's and the MLP's), a path only that one.
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc", "attn/c_proj", "mlp/c_proj")
+LORA_SUFFIXES = ("lora_A", "lora_B")  # variable names beside a layer's w and b
+
+
+@dataclass(frozen=True)
+class Lora:
+    """Low-rank adapters (Hu et al. 2021) on some conv1d layers, PEFT's LoRA: a layer computes
+    x W + b + (alpha / rank) (x A) B with A: [nx, rank] and B: [rank, nf], so W + scale * A B is
+    the merged weight in conv1d's [nx, nf] layout. B starts at zero: training starts from the
+    base model exactly."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def applies(self, layer: str) -> bool:
+        """Whether the layer `layer` ("model/h0/attn/c_attn") carries adapters."""
+        return any(layer.endswith("/" + t) for t in self.targets)
+
 
 def shape_list(x: tf.Tensor) -> list:
     """Static dims where known, dynamic ones elsewhere."""
@@ -61,7 +90,8 @@ def norm(x: tf.Tensor, scope: str, *, epsilon: float = 1e-5) -> tf.Tensor:
         return (x - u) * tf.math.rsqrt(s + epsilon) * g + b
 
 
-def conv1d(x: tf.Tensor, scope: str, nf: int, *, precision: Precision, stddev: float = 0.02):
+def conv1d(x: tf.Tensor, scope: str, nf: int, *, precision: Precision, stddev: float = 0.02,
+           lora: Lora | None = None):
     """A dense layer on [N, nx] rows -> [N, nf].
 
     The weight is stored as [1, nx, nf] because OpenAI's checkpoint says so. Activations stay
@@ -73,11 +103,30 @@ def conv1d(x: tf.Tensor, scope: str, nf: int, *, precision: Precision, stddev: f
             "w", [1, nx, nf], initializer=tf1.random_normal_initializer(stddev=stddev)
         )
         b = tf1.get_variable("b", [nf], initializer=tf1.constant_initializer(0.0))
-        c = tf.matmul(precision.cast(x), precision.cast(tf.reshape(w, [nx, nf])))
-        return tf.cast(c, tf.float32) + b
+        c = tf.matmul(precision.cast(x), precision.cast(tf.reshape(w, [nx, nf])))  # [N, nf]
+        c = tf.cast(c, tf.float32)
+        if lora is not None and lora.applies(tf1.get_variable_scope().name):
+            c = c + _lora_delta(x, nx, nf, lora=lora, precision=precision)
+        return c + b
 
 
-def attn(x, scope, *, layer, hparams: HParams, batch, t, bias, cache, precision: Precision):
+def _lora_delta(x: tf.Tensor, nx: int, nf: int, *, lora: Lora, precision: Precision):
+    """scale * (x A) B on [N, nx] rows -> [N, nf]; the [nx, nf] product A B is never formed.
+
+    A starts as PEFT's (kaiming-uniform with a=sqrt(5): U(-1/sqrt(nx), 1/sqrt(nx))), B at zero.
+    """
+    bound = 1.0 / math.sqrt(nx)
+    a = tf1.get_variable(
+        "lora_A", [nx, lora.rank], initializer=tf1.random_uniform_initializer(-bound, bound)
+    )
+    b = tf1.get_variable("lora_B", [lora.rank, nf], initializer=tf1.zeros_initializer())
+    xa = tf.matmul(precision.cast(x), precision.cast(a))  # [N, rank]
+    d = tf.matmul(xa, precision.cast(b))  # [N, nf]
+    return lora.scale * tf.cast(d, tf.float32)
+
+
+def attn(x, scope, *, layer, hparams: HParams, batch, t, bias, cache, precision: Precision,
+         lora: Lora | None = None):
     """Multi-head causal self-attention.
 
     x: [B*T, C]; bias: additive mask broadcastable to [B, H, T, S] (0 keep, MASK_VALUE drop),
@@ -86,7 +135,7 @@ def attn(x, scope, *, layer, hparams: HParams, batch, t, bias, cache, precision:
     """
     n_state, n_head, head_dim = hparams.n_embd, hparams.n_head, hparams.head_dim
     with tf1.variable_scope(scope):
-        c = conv1d(x, "c_attn", n_state * 3, precision=precision)  # [B*T, 3C]
+        c = conv1d(x, "c_attn", n_state * 3, precision=precision, lora=lora)  # [B*T, 3C]
         if cache is not None and isinstance(t, int) and t == 1:
             # One new position (decoding): attend straight over the time-major cache with
             # elementwise products, so the cached keys/values are never transposed. Every op
@@ -102,7 +151,7 @@ def attn(x, scope, *, layer, hparams: HParams, batch, t, bias, cache, precision:
             a = tf.reduce_sum(v * e[..., None], axis=0)  # [B, H, D]
             a = a / tf.reduce_sum(e, axis=0)[..., None]
             a = tf.reshape(a, [-1, n_state])  # [B, C]
-            return conv1d(a, "c_proj", n_state, precision=precision)
+            return conv1d(a, "c_proj", n_state, precision=precision, lora=lora)
         q, k, v = tf.unstack(tf.reshape(c, [batch, t, 3, n_head, head_dim]), axis=2)  # [B,T,H,D]
         q = q * (1.0 / math.sqrt(head_dim))  # scale q, not the [B, H, T, S] scores
         q = tf.transpose(q, [0, 2, 1, 3])  # [B, H, T, D]
@@ -116,23 +165,24 @@ def attn(x, scope, *, layer, hparams: HParams, batch, t, bias, cache, precision:
         w = tf.nn.softmax(w, axis=-1)
         a = tf.matmul(precision.cast(w), precision.cast(v))  # [B, H, T, D]
         a = tf.reshape(tf.transpose(tf.cast(a, tf.float32), [0, 2, 1, 3]), [-1, n_state])
-        return conv1d(a, "c_proj", n_state, precision=precision)  # [B*T, C]
+        return conv1d(a, "c_proj", n_state, precision=precision, lora=lora)  # [B*T, C]
 
 
-def mlp(x, scope, *, hparams: HParams, precision: Precision):
+def mlp(x, scope, *, hparams: HParams, precision: Precision, lora: Lora | None = None):
     with tf1.variable_scope(scope):
-        h = gelu(conv1d(x, "c_fc", hparams.n_embd * 4, precision=precision))  # [B*T, 4C]
-        return conv1d(h, "c_proj", hparams.n_embd, precision=precision)  # [B*T, C]
+        h = gelu(conv1d(x, "c_fc", hparams.n_embd * 4, precision=precision, lora=lora))
+        # h: [B*T, 4C]
+        return conv1d(h, "c_proj", hparams.n_embd, precision=precision, lora=lora)  # [B*T, C]
 
 
-def block(x, scope, *, layer, hparams, batch, t, bias, cache, precision):
+def block(x, scope, *, layer, hparams, batch, t, bias, cache, precision, lora=None):
     """One pre-norm transformer block on [B*T, C]: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
     with tf1.variable_scope(scope):
         x = x + attn(
             norm(x, "ln_1"), "attn", layer=layer, hparams=hparams, batch=batch, t=t, bias=bias,
-            cache=cache, precision=precision,
+            cache=cache, precision=precision, lora=lora,
         )
-        return x + mlp(norm(x, "ln_2"), "mlp", hparams=hparams, precision=precision)
+        return x + mlp(norm(x, "ln_2"), "mlp", hparams=hparams, precision=precision, lora=lora)
 
 
 def causal_bias(t: tf.Tensor) -> tf.Tensor:
@@ -154,6 +204,7 @@ def model(
     last_only: bool = False,
     precision: Precision = FP32,
     recompute: bool = False,
+    lora: Lora | None = None,
 ) -> dict:
     """GPT-2 forward pass.
 
@@ -164,6 +215,7 @@ def model(
     Returns {"logits": [B, T, V] (or [B, V] for the last position with last_only), "hidden":
     the final-norm activations in the same layout}.
     `recompute` rematerialises each block in the backward pass (memory-saving gradients).
+    `lora` adds adapters to the layers it targets (see `Lora`).
     """
     with tf1.variable_scope(scope, reuse=reuse):
         batch, t = shape_list(X)
@@ -199,7 +251,8 @@ def model(
         h = tf.reshape(h, [-1, hparams.n_embd])  # [B*T, C]
 
         for layer in range(hparams.n_layer):
-            kw = dict(layer=layer, hparams=hparams, batch=batch, t=t, bias=bias, precision=precision)
+            kw = dict(layer=layer, hparams=hparams, batch=batch, t=t, bias=bias,
+                      precision=precision, lora=lora)
             if recompute:
                 h = _recomputed_block(h, **kw)
             else:
@@ -225,7 +278,7 @@ def model(
         return {"logits": logits, "hidden": h}
 
 
-def _recomputed_block(h, *, layer, hparams, batch, t, bias, precision):
+def _recomputed_block(h, *, layer, hparams, batch, t, bias, precision, lora):
     """A block whose activations are recomputed in the backward pass instead of stored.
 
     tf.recompute_grad saves nothing in a TF1-style graph (see gpt2tf.remat for why).
@@ -234,15 +287,40 @@ def _recomputed_block(h, *, layer, hparams, batch, t, bias, precision):
     def fn(x):
         return block(
             x, f"h{layer}", layer=layer, hparams=hparams, batch=batch, t=t, bias=bias,
-            cache=None, precision=precision,
+            cache=None, precision=precision, lora=lora,
         )
 
     return remat.recompute_grad(fn)(h)
 
 
+def is_lora_name(name: str) -> bool:
+    """Whether a variable or checkpoint name is an adapter's (or its optimizer slot's)."""
+    return any(f"/{suffix}" in name for suffix in LORA_SUFFIXES)
+
+
 def model_variables(scope: str = "model") -> list:
-    """The model's weights in the current graph (what a checkpoint in OpenAI's layout holds)."""
-    return [v for v in tf1.global_variables() if v.name.startswith(scope + "/")]
+    """The model's weights in the current graph (what a checkpoint in OpenAI's layout holds):
+    adapters are not among them (see `lora_variables`)."""
+    return [v for v in tf1.global_variables()
+            if v.name.startswith(scope + "/") and not is_lora_name(v.name)]
+
+
+def lora_variables(scope: str = "model") -> list:
+    """The adapters in the current graph (`lora_A`, `lora_B` of each targeted layer)."""
+    return [v for v in tf1.global_variables()
+            if v.name.startswith(scope + "/") and v.name.split(":")[0].rsplit("/", 1)[-1]
+            in LORA_SUFFIXES]
+
+
+def lora_shapes(hparams: HParams, lora: Lora) -> dict[str, list[int]]:
+    """Checkpoint name -> shape of every adapter of `lora`, without building a graph."""
+    out = {}
+    for name, shape in variable_shapes(hparams).items():
+        layer, leaf = name.rsplit("/", 1)
+        if leaf == "w" and lora.applies(layer):
+            out[layer + "/lora_A"] = [shape[1], lora.rank]
+            out[layer + "/lora_B"] = [lora.rank, shape[2]]
+    return out
 
 
 def variable_shapes(hparams: HParams) -> dict[str, list[int]]:

@@ -426,7 +426,13 @@ SERVE = MODEL_SOURCE + (
 
 # Conversion.
 TO_HF = (S("src_dir", str, REQUIRED, "model or run folder in OpenAI's layout", local_path=True),
-         S("out_dir", str, REQUIRED, "new folder for the HuggingFace model", local_path=True))
+         S("out_dir", str, REQUIRED, "new folder for the HuggingFace model", local_path=True),
+         S("lora", bool, False, "SRC_DIR is a LoRA run: write its adapters as a PEFT adapter"
+           " (adapter_config.json, adapter_model.safetensors) for its converted base"))
+LORA_MERGE = (S("run_dir", str, REQUIRED, "LoRA run folder (trained with --lora_rank)",
+                local_path=True),
+              S("out_dir", str, REQUIRED, "new model folder for the merged weights",
+                local_path=True))
 FROM_HF = (S("hf_dir", str, REQUIRED, "HuggingFace GPT-2 folder (config.json, weights)",
              local_path=True),
            S("out_dir", str, REQUIRED, "new model folder in OpenAI's layout", local_path=True))

@@ -207,12 +207,20 @@ def serve(*, model_name, models_dir, run_name, checkpoint_dir, precision, host, 
                  shutdown_grace_s=shutdown_grace_s, log_level=log_level, precision=precision)
 
 
-def to_hf(*, src_dir, out_dir):
+def to_hf(*, src_dir, out_dir, lora):
     import_tensorflow()
     from gpt2tf import convert
 
-    out = convert.to_hf(src_dir, out_dir)
-    _say(f"wrote HuggingFace GPT-2 directory {out}")
+    out = convert.to_hf(src_dir, out_dir, lora=lora)
+    _say(f"wrote {'PEFT adapter' if lora else 'HuggingFace GPT-2'} directory {out}")
+
+
+def lora_merge(*, run_dir, out_dir):
+    import_tensorflow()
+    from gpt2tf import lora
+
+    out = lora.merge(run_dir, out_dir)
+    _say(f"wrote model directory {out} ({ModelSource.at(out).hparams})")
 
 
 def from_hf(*, hf_dir, out_dir):
@@ -270,5 +278,12 @@ CONVERT = Command(
                            summary="Write a model directory in OpenAI's layout from"
                                    " HuggingFace."),
     })
+LORA = Command(
+    "lora", None, (), summary="Work with LoRA runs (train --lora_rank R).",
+    subcommands={
+        "merge": Command("merge", lora_merge, S.LORA_MERGE, positional=("run_dir", "out_dir"),
+                         summary="Write a LoRA run's base with its adapters merged as a model"
+                                 " folder in OpenAI's layout."),
+    })
 GPT2TF = Command("gpt2tf", None, (), summary="Download, fine-tune, generate from and serve GPT-2.",
-                 subcommands={**COMMANDS, "convert": CONVERT})
+                 subcommands={**COMMANDS, "convert": CONVERT, "lora": LORA})

@@ -55,11 +55,20 @@ def user_cache_dir(source: ModelSource) -> Path:
     return Path(root) / f"{source.path.name}-{where}"
 
 
-def prepared_model(source: ModelSource, prefix: str, precision: str) -> Path | bytes:
-    """The converted model for this checkpoint and precision: a cached file, or fresh bytes."""
+def prepared_model(source: ModelSource, prefix: str, precision: str, *,
+                   lora=None) -> Path | bytes:
+    """The converted model for this checkpoint and precision: a cached file, or fresh bytes.
+
+    With `lora` (a gpt2tf.lora.LoraRun; `prefix` is its adapters' checkpoint) the merged
+    weights are converted, and the key covers both the adapters and the base.
+    """
     from gpt2tf.decode import lite
 
-    name = f"decode-{precision}-{cache_key(prefix, source.hparams, precision)}.tflite"
+    key = cache_key(prefix, source.hparams, precision)
+    if lora is not None:
+        base = cache_key(lora.base_prefix, source.hparams, precision)
+        key = hashlib.sha256(f"lora {key} {base} {lora.spec}".encode()).hexdigest()[:20]
+    name = f"decode-{precision}-{key}.tflite"
     folders = [Path(prefix).parent / paths.DECODE_CACHE, user_cache_dir(source)]
     for folder in folders:
         if (folder / name).is_file():
@@ -73,7 +82,8 @@ def prepared_model(source: ModelSource, prefix: str, precision: str) -> Path | b
     log.info("preparing the fast decode path for %s (%s, once per checkpoint)", source.name,
              precision)
     start = time.perf_counter()
-    data = lite.build(checkpoints.read_weights(prefix), source.hparams, precision=precision)
+    weights = lora.merged_weights() if lora is not None else checkpoints.read_weights(prefix)
+    data = lite.build(weights, source.hparams, precision=precision)
     log.debug("converted in %.1f s", time.perf_counter() - start)
     for folder in folders:
         try:
@@ -122,12 +132,12 @@ class LiteBackend:
 
 
 def open_backend(source: ModelSource, prefix: str, precision: str, *,
-                 threads: int | None = None) -> LiteBackend | None:
+                 threads: int | None = None, lora=None) -> LiteBackend | None:
     """The fast backend, or None (after a one-line note) where it cannot run here."""
     try:
         from gpt2tf.decode import lite
 
-        model = prepared_model(source, prefix, precision)
+        model = prepared_model(source, prefix, precision, lora=lora)
         step = lite.LiteStep(model, source.hparams, threads=threads or os.cpu_count() or 1)
     except (ImportError, RuntimeError, ValueError, OSError, MemoryError) as e:
         log.warning("the fast decode path cannot run here (%s: %s): generating with the TF"

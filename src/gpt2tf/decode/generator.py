@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from gpt2tf import checkpoints, model, paths, settings
+from gpt2tf import checkpoints, lora, model, paths, settings
 from gpt2tf.decode import fast
 from gpt2tf.decode.engine import DecodeEngine, SamplingParams
 from gpt2tf.decode.graph import GraphBackend
@@ -35,6 +35,10 @@ class Generator:
     with bfloat16 matmuls. Where the fast path cannot run, the TF graph takes over with a one-line
     note. The TF graph (own tf.Graph and tf.Session) is built only when something needs it:
     `logits`, bf16, the fallback, or engine="graph".
+
+    A LoRA run (gpt2tf.lora) loads as its base plus its adapters: the fast path converts the
+    merged weights (its cache key covers the adapters' checkpoint and the base), the TF graph
+    computes the adapters beside the frozen weights as training did.
     """
 
     def __init__(
@@ -53,7 +57,10 @@ class Generator:
         self.checkpoint = checkpoint or self.source.latest_checkpoint()
         self.precision = settings.DECODE_PRECISION.check(precision)
         self.threads = threads
-        checkpoints.check_compatible(self.checkpoint, self.hparams)
+        # A LoRA run: the adapters of self.checkpoint over the base its lora.json names.
+        self.lora = lora.LoraRun(self.source, self.checkpoint) if self.source.is_lora else None
+        if self.lora is None:
+            checkpoints.check_compatible(self.checkpoint, self.hparams)
         # (graph, session, backend, score tokens, score logits, target logprobs), on demand
         self._graph = None
         backend = None
@@ -61,7 +68,7 @@ class Generator:
             raise FieldError("engine", f"must be auto or graph, got {engine!r}")
         if engine == "auto" and self.precision in fast.PRECISIONS:
             backend = fast.open_backend(self.source, self.checkpoint, self.precision,
-                                        threads=threads)
+                                        threads=threads, lora=self.lora)
         if backend is None:
             backend = self._graph_parts().backend
         self.engine_name = "fast" if isinstance(backend, fast.LiteBackend) else "graph"
@@ -71,14 +78,17 @@ class Generator:
         if self._graph is None:
             graph = tf.Graph()
             precision = model.BF16 if self.precision == "bf16" else model.FP32
+            adapters = self.lora.spec if self.lora else None
             with graph.as_default():
-                backend = GraphBackend(self.hparams, precision=precision)
+                backend = GraphBackend(self.hparams, precision=precision, lora=adapters)
                 saver = checkpoints.make_saver(model.model_variables())
+                lora_saver = checkpoints.make_saver(model.lora_variables()) if adapters else None
                 # Scoring graph (full causal forward, no cache) for tests and evaluation.
                 tokens = tf1.placeholder(tf.int32, [None, None], name="score_tokens")
-                logits = model.model(self.hparams, tokens)["logits"]  # [B, T, V], fp32
+                logits = model.model(self.hparams, tokens, lora=adapters)["logits"]
+                # logits: [B, T, V], fp32
                 scored = logits if precision is model.FP32 else model.model(
-                    self.hparams, tokens, precision=precision)["logits"]
+                    self.hparams, tokens, precision=precision, lora=adapters)["logits"]
                 # log p(tokens[:, t+1] | tokens[:, :t+1]) without sending [B, T, V] to the host
                 logp = tf.nn.log_softmax(tf.cast(scored[:, :-1], tf.float32))  # [B, T-1, V]
                 targets = tf.gather(logp, tokens[:, 1:], batch_dims=2)  # [B, T-1]
@@ -86,7 +96,11 @@ class Generator:
                 top = tf.math.top_k(logp, k)  # values, indices: [B, T-1, k]
             graph.finalize()  # nothing may add nodes later: no slow-down across calls
             session = tf1.Session(graph=graph, config=session_config(self.threads))
-            checkpoints.restore(session, self.checkpoint, saver, self.hparams)
+            if self.lora is None:
+                checkpoints.restore(session, self.checkpoint, saver, self.hparams)
+            else:
+                checkpoints.restore(session, self.lora.base_prefix, saver, self.hparams)
+                checkpoints.restore_saver(session, self.checkpoint, lora_saver)
             backend.session = session
             self._graph = _Graph(graph, session, backend, tokens, logits, targets, k,
                                  top.values, top.indices)

@@ -21,7 +21,7 @@ class GraphBackend:
     """Decode nodes built into the current graph; `session` (set by the owner) runs them."""
 
     def __init__(self, hparams: HParams, *, precision: model.Precision = model.FP32,
-                 session=None):
+                 session=None, lora: model.Lora | None = None):
         self.hparams = hparams
         self.session = session
         self._tokens = tf1.placeholder(tf.int32, [None, None], name="tokens")  # [B, T]
@@ -33,7 +33,8 @@ class GraphBackend:
         self._reset = self._cache.reset_op(self._rows)
         self._logits = {
             name: model.model(hparams, tokens, cache=self._cache, pos=self._pos, pad=self._pad,
-                              last_only=True, precision=precision)["logits"]  # [B, V]
+                              last_only=True, precision=precision,
+                              lora=lora)["logits"]  # [B, V]
             for name, tokens in (("prefill", self._tokens), ("step", self._step_tokens))
         }
         self._cache_rows = None  # rows the cache is allocated for

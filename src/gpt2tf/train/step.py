@@ -11,6 +11,8 @@ input later), so the same step can be built per replica.
 - bf16 mixed precision runs the matmuls in bfloat16; weights, layer norms, softmax, the loss
   and the optimizer stay float32 (see gpt2tf.model.Precision).
 - `memory_saving_gradients` recomputes each block's activations in the backward pass.
+- `lora` (gpt2tf.model.Lora) trains adapters alone: the gradients, the accumulators and the
+  optimizer's state are the adapters' only, and OpenAI's weights stay as restored.
 - No random ops: input noise (nshepperd's --noise) comes in through `inputs`, drawn by the loop
   from a seeded generator, so a step is a pure function of its feeds and the variables.
 """
@@ -41,6 +43,7 @@ def lm_loss(
     inputs: tf.Tensor | None = None,
     precision: model.Precision = model.FP32,
     recompute: bool = False,
+    lora: model.Lora | None = None,
 ) -> tf.Tensor:
     """Mean next-token cross-entropy (float32 scalar) of windows tokens: [B, T+1].
 
@@ -49,7 +52,8 @@ def lm_loss(
     if inputs is None:
         inputs = tokens[:, :-1]  # [B, T]
     labels = tokens[:, 1:]  # [B, T]
-    logits = model.model(hparams, inputs, precision=precision, recompute=recompute)["logits"]
+    logits = model.model(hparams, inputs, precision=precision, recompute=recompute,
+                         lora=lora)["logits"]
     # [B, T, V]
     # logits are float32 whatever the precision: the softmax and the loss need the range
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)  # [B, T]
@@ -77,7 +81,7 @@ class TrainStep:
 
     tokens: [B, T+1] int32 windows of one micro-batch. With accumulate_gradients A == 1 a step
     is one run of `train_op`; otherwise A runs of `micro_op` (one micro-batch each) and then
-    one run of `train_op`. See `run`.
+    one run of `train_op`. See `run`. With `lora` only the adapters train.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class TrainStep:
         tokens: tf.Tensor,
         *,
         inputs: tf.Tensor | None = None,
+        lora: model.Lora | None = None,
     ):
         optim.check_optimizer(cfg.optimizer)
         precision = check_precision(cfg.precision)
@@ -97,11 +102,16 @@ class TrainStep:
         self.global_step = tf1.train.get_or_create_global_step()
         self.loss = lm_loss(
             hparams, tokens, inputs=inputs, precision=precision,
-            recompute=cfg.memory_saving_gradients,
+            recompute=cfg.memory_saving_gradients, lora=lora,
         )
         # Read before the optimizer exists: afterwards its slots also live under "model/".
-        self.model_variables = model.model_variables()
-        self.train_variables = trainable(self.model_variables, cfg.only_train_transformer_layers)
+        self.model_variables = model.model_variables()  # OpenAI's weights
+        self.lora_variables = model.lora_variables()  # the adapters ([] without lora)
+        if lora is not None:
+            self.train_variables = list(self.lora_variables)
+        else:
+            self.train_variables = trainable(self.model_variables,
+                                             cfg.only_train_transformer_layers)
         grads = tf.gradients(self.loss, self.train_variables)
         grads = [_dense(g, v) for g, v in zip(grads, self.train_variables)]
 
