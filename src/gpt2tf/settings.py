@@ -437,6 +437,18 @@ FROM_HF = (S("hf_dir", str, REQUIRED, "HuggingFace GPT-2 folder (config.json, we
              local_path=True),
            S("out_dir", str, REQUIRED, "new model folder in OpenAI's layout", local_path=True))
 
+# Learning a vocabulary (gpt2tf tokenizer train).
+TOKENIZER_TRAIN = (
+    S("corpus", str, REQUIRED, "text file, folder, glob, .csv or .jsonl to learn the vocabulary"
+      " from", local_path=True, metavar="PATH"),
+    S("out_dir", str, REQUIRED, "new folder for encoder.json and vocab.bpe", local_path=True),
+    S("vocab_size", int, 50257, "tokens at most: the 256 bytes, the merges learned and"
+      " <|endoftext|> (the last id)", low=257),
+    S("min_frequency", int, 2, "learn only merges of pairs seen at least this many times",
+      low=1),
+    ENCODING, COLUMN, FIELD, PROGRESS,
+)
+
 # gpt-2-simple's API keeps its own defaults where they differ from nshepperd's CLI, so that a
 # gpt-2-simple script runs unchanged: its finetune() learns faster by default (lr 1e-4 with 5
 # accumulated micro-batches), and its generate() samples cooler (0.7) and fills the window.

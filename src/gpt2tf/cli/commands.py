@@ -231,6 +231,21 @@ def from_hf(*, hf_dir, out_dir):
     _say(f"wrote model directory {out} ({ModelSource.at(out).hparams})")
 
 
+def tokenizer_train(*, corpus, out_dir, vocab_size, min_frequency, encoding, column, field,
+                    progress):
+    from gpt2tf.data.tokenizer import train_tokenizer
+
+    S.check_encoding("encoding", encoding)
+    out = train_tokenizer(corpus, out_dir, vocab_size=vocab_size, min_frequency=min_frequency,
+                          encoding=encoding, column=column, field=field, progress=progress)
+    fewer = (f" (the corpus had only {out['merges']:,} merges to learn)"
+             if out["n_vocab"] < vocab_size else "")
+    _say(f"wrote a vocabulary of {out['n_vocab']:,} tokens to {out['out_dir']}{fewer}")
+    if not out["fast"]:
+        _say("warning: tiktoken would not give these merges' ids: encoding uses the slower"
+             " pure-Python path")
+
+
 COMMANDS = {
     "download": Command(
         "download", download, S.DOWNLOAD, positional=("model_name",),
@@ -278,6 +293,16 @@ CONVERT = Command(
                            summary="Write a model directory in OpenAI's layout from"
                                    " HuggingFace."),
     })
+TOKENIZER = Command(
+    "tokenizer", None, (), summary="Learn a byte-level BPE vocabulary in GPT-2's format.",
+    subcommands={
+        "train": Command("train", tokenizer_train, S.TOKENIZER_TRAIN,
+                         positional=("corpus", "out_dir"),
+                         summary="Learn encoder.json and vocab.bpe from text files, a folder"
+                                 " or a glob (HuggingFace tokenizers' BPE trainer).",
+                         notes="Then `gpt2tf init OUT --vocab_dir OUT_DIR` makes a model for"
+                               " it to train from scratch."),
+    })
 LORA = Command(
     "lora", None, (), summary="Work with LoRA runs (train --lora_rank R).",
     subcommands={
@@ -286,4 +311,5 @@ LORA = Command(
                                  " folder in OpenAI's layout."),
     })
 GPT2TF = Command("gpt2tf", None, (), summary="Download, fine-tune, generate from and serve GPT-2.",
-                 subcommands={**COMMANDS, "convert": CONVERT, "lora": LORA})
+                 subcommands={**COMMANDS, "convert": CONVERT, "tokenizer": TOKENIZER,
+                              "lora": LORA})
