@@ -1,6 +1,7 @@
 """`Generator`: a loaded model that samples text, over the decode engine."""
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -63,6 +64,7 @@ class Generator:
             checkpoints.check_compatible(self.checkpoint, self.hparams)
         # (graph, session, backend, score tokens, score logits, target logprobs), on demand
         self._graph = None
+        self._graph_lock = threading.Lock()
         backend = None
         if engine not in ("auto", "graph"):
             raise FieldError("engine", f"must be auto or graph, got {engine!r}")
@@ -75,6 +77,10 @@ class Generator:
         self.engine = DecodeEngine(backend, self.hparams, self.encoder)
 
     def _graph_parts(self) -> "_Graph":
+        with self._graph_lock:  # the server scores prompts on other threads than its worker
+            return self._build_graph()
+
+    def _build_graph(self) -> "_Graph":
         if self._graph is None:
             graph = tf.Graph()
             precision = model.BF16 if self.precision == "bf16" else model.FP32

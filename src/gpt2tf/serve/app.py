@@ -10,7 +10,9 @@ Prompts are tokenized on a thread pool, so a megabyte of text never stalls the e
 """
 
 import asyncio
+import codecs
 import contextlib
+import copy
 import hmac
 import json
 import logging
@@ -25,6 +27,7 @@ from gpt2tf import settings
 from gpt2tf.decode.engine import sample_seed
 from gpt2tf.serve.batcher import Batcher, ContinuousBatcher, QueueFull, _Job, _Row
 from gpt2tf.serve.metrics import CONTENT_TYPE, Metrics
+from gpt2tf.errors import FieldError, UserError
 from gpt2tf.serve.schema import ApiError, CompletionRequest, Limits, parse_request, show
 
 log = logging.getLogger(__name__)
@@ -305,19 +308,31 @@ class Service:
         raw = await _read_body(request, self.limits.max_body_bytes, json_only=True)
         # Parsing and tokenizing a long prompt take a while: off the event loop, so that
         # /health and the running streams are served meanwhile.
-        req = await asyncio.get_running_loop().run_in_executor(self._tokenizer, self._parse, raw)
+        loop = asyncio.get_running_loop()
+        req = await loop.run_in_executor(self._tokenizer, self._parse, raw)
+        prompt_scores = None
+        if req.echo and req.logprobs is not None:  # the prompt's own scores: a forward pass
+            prompt_scores = await loop.run_in_executor(self._tokenizer, self._prompt_scores, req)
         job = self._submit(req)
         self.requests += 1
         meta = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
                 "created": int(time.time()), "model": self.model_id}
         if req.stream:
-            return _EventStream(self._sse(job, req, meta))
+            return _EventStream(self._sse(job, req, meta, prompt_scores))
         texts, finish, tokens = await self._collect(job, req, request.receive)
         if texts is None:  # the client went away; nobody reads this
             return JSONResponse({}, status_code=499)
         echo = self._echo_texts(req)
-        choices = [{"text": echo[i] + texts[i], "index": i, "logprobs": None,
-                    "finish_reason": finish[i]} for i in range(len(texts))]
+        choices = []
+        for i, row in enumerate(job.rows):
+            logprobs = None
+            if req.logprobs is not None:
+                scores = row.scores[:row.n_tokens]  # not <|endoftext|>: it is not in the text
+                if prompt_scores is not None:
+                    scores = prompt_scores[i // req.n] + scores
+                logprobs = self._logprobs(scores, 0)
+            choices.append({"text": echo[i] + texts[i], "index": i, "logprobs": logprobs,
+                            "finish_reason": finish[i]})
         return JSONResponse({**meta, "choices": choices, "usage": self._usage(req, tokens)})
 
     # -- helpers --
@@ -335,17 +350,68 @@ class Service:
         job = _Job(asyncio.get_running_loop())
         eot = None if req.ignore_eos else self.gen.encoder.eot_token
         for p, context in enumerate(req.contexts):
+            try:
+                state = self.gen.engine.row_state(context, req.params) if req.params.steers \
+                    else None
+            except FieldError as e:  # a logit_bias token outside the vocabulary
+                raise ApiError(400, e.phrased(), param=e.field, code="invalid_value") from None
             for i in range(req.n):
                 # choice i of every prompt uses stream (seed, i): a choice's text depends only
                 # on its prompt, settings and seed, never on what else is running.
                 job.rows.append(_Row(
                     job, p * req.n + i, context, req.params, sample_seed(req.seed, i),
-                    req.max_tokens, req.stops, eot, self.gen.encoder))
+                    req.max_tokens, req.stops, eot, self.gen.encoder,
+                    state=copy.deepcopy(state), logprobs=req.logprobs))
+        if req.max_tokens == 0:  # nothing to generate (echo scores the prompt alone)
+            job.push([(row.index, "", "length", []) for row in job.rows])
+            return job
         try:
             self.batcher.submit(job.rows)
         except QueueFull as e:
             raise ApiError(503, str(e), type="server_error", code="server_busy") from None
         return job
+
+    def _prompt_scores(self, req: CompletionRequest) -> list[list[tuple]]:
+        """Each prompt's tokens with their log-probabilities and top alternatives (the first
+        token has none: nothing precedes it), from the TF graph."""
+        out = []
+        for context in req.contexts:
+            logp, top_ids, top_lp = self.gen.prompt_logprobs(context, req.logprobs)
+            out.append([(context[0], None, None)] + [
+                (t, float(lp), [(int(a), float(b)) for a, b in zip(ids, lps)])
+                for t, lp, ids, lps in zip(context[1:], logp, top_ids, top_lp)])
+        return out
+
+    def _token_text(self, token: int) -> str:
+        """A token as OpenAI shows it: its text, or bytes:\\xNN... when it is no whole UTF-8."""
+        try:
+            raw = self.gen.encoder.decode_bytes([token])
+        except UserError:
+            return ""
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    def _logprobs(self, scores: list[tuple], offset: int) -> dict:
+        """OpenAI's logprobs object for (token, logprob, top) scores whose text starts at
+        character `offset` of the choice's text."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, logprob, top in scores:
+            out["tokens"].append(self._token_text(token))
+            out["token_logprobs"].append(logprob)
+            out["top_logprobs"].append(None if top is None else {
+                self._token_text(t): lp for t, lp in top})
+            out["text_offset"].append(offset)
+            try:
+                offset += len(decoder.decode(self.gen.encoder.decode_bytes([token])))
+            except UserError:
+                pass
+        return out
+
+    def _eot(self, req: CompletionRequest) -> int | None:
+        return None if req.ignore_eos else self.gen.encoder.eot_token
 
     def _echo_texts(self, req: CompletionRequest) -> list[str]:
         rows = len(req.contexts) * req.n
@@ -365,7 +431,7 @@ class Service:
         """Yield (index, text, finish_reason) until every row has finished."""
         left, first = len(job.rows), True
         while left:
-            index, piece, finish = await job.events.get()
+            index, piece, finish, scores = await job.events.get()
             if finish == "error":
                 self.metrics.requests.labels("interrupted").inc()
                 raise ApiError(503, "generation was interrupted (the server is stopping or"
@@ -380,7 +446,7 @@ class Service:
                 first = False
             if finish is not None:
                 left -= 1
-            yield index, piece, finish
+            yield index, piece, finish, scores
         self.metrics.latency.observe(time.monotonic() - job.started)
         self.metrics.requests.labels("completed").inc()
 
@@ -390,7 +456,7 @@ class Service:
         parts, finish = [[] for _ in range(rows)], [None] * rows
 
         async def gather():
-            async for index, piece, reason in self._events(job):
+            async for index, piece, reason, _ in self._events(job):
                 parts[index].append(piece)
                 finish[index] = reason
 
@@ -408,20 +474,31 @@ class Service:
         work.result()  # re-raise ApiError
         return ["".join(p) for p in parts], finish, [r.n_tokens for r in job.rows]
 
-    async def _sse(self, job: _Job, req: CompletionRequest, meta: dict) -> AsyncIterator[str]:
+    async def _sse(self, job: _Job, req: CompletionRequest, meta: dict,
+                   prompt_scores=None) -> AsyncIterator[str]:
         def chunk(payload: dict) -> str:
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
         extra = {"usage": None} if req.include_usage else {}
+        offsets = [0] * len(job.rows)  # characters of each choice's text sent so far
         try:
             for index, text in enumerate(self._echo_texts(req)):
                 if text:
+                    logprobs = None if prompt_scores is None else self._logprobs(
+                        prompt_scores[index // req.n], 0)
                     yield chunk({**meta, "choices": [{"text": text, "index": index,
-                                 "logprobs": None, "finish_reason": None}], **extra})
+                                 "logprobs": logprobs, "finish_reason": None}], **extra})
+                    offsets[index] = len(text)
             try:
-                async for index, piece, finish in self._events(job):
+                async for index, piece, finish, scores in self._events(job):
+                    logprobs = None
+                    if req.logprobs is not None:
+                        if finish == "stop" and scores and scores[-1][0] == self._eot(req):
+                            scores = scores[:-1]  # <|endoftext|> ended it: not in the text
+                        logprobs = self._logprobs(scores, offsets[index])
+                    offsets[index] += len(piece)
                     yield chunk({**meta, "choices": [{"text": piece, "index": index,
-                                 "logprobs": None, "finish_reason": finish}], **extra})
+                                 "logprobs": logprobs, "finish_reason": finish}], **extra})
             except ApiError as e:  # the stream still ends as streams do: with [DONE]
                 yield chunk(e.body())
                 yield "data: [DONE]\n\n"

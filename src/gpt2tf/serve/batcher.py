@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from gpt2tf.decode.pick import pick
+from gpt2tf.decode.pick import RowState, pick
 from gpt2tf.decode.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,22 @@ log = logging.getLogger(__name__)
 
 
 class _Row:
-    """One choice: a prompt, its sampling settings and random stream, and its text so far."""
+    """One choice: a prompt, its sampling settings and random stream, and its text so far.
+
+    `state` (a RowState) is what steering needs, for rows whose settings steer; `logprobs`
+    asks for each sampled token's log-probability and that many top alternatives, which
+    `scores` collects: (token, logprob, [(token, logprob)] * logprobs) per token.
+    """
 
     def __init__(self, job: "_Job", index: int, context: list[int], params, rng,
-                 max_tokens: int, stops: tuple[str, ...], eot: int | None, encoder):
+                 max_tokens: int, stops: tuple[str, ...], eot: int | None, encoder, *,
+                 state: RowState | None = None, logprobs: int | None = None):
         self.job, self.index, self.context = job, index, context
         self.params, self.rng, self.max_tokens = params, rng, max_tokens
         self.text = TextStream(encoder, stops=stops, eot=eot, max_tokens=max_tokens)
+        self.state, self.logprobs = state, logprobs
+        self.scores: list[tuple] = []
+        self._sent = 0  # scores already delivered with an event
         self.done = False
         self.cancelled = False  # set by the event loop when the client goes away
 
@@ -49,11 +58,38 @@ class _Row:
     def n_tokens(self) -> int:
         return self.text.n_tokens
 
-    def add(self, token: int) -> tuple[str, str | None]:
-        """Consume one sampled token: (text to release, finish_reason or None)."""
+    def pick(self, logits: np.ndarray, u: np.float32) -> int:
+        """This row's next token from its logits [V], exactly as `pick` samples it in a batch."""
+        return int(pick(logits[None], [self.params], np.array([u], np.float32),
+                        [self.state])[0])
+
+    def add(self, token: int, logits: np.ndarray | None = None) -> tuple[str, str | None]:
+        """Consume one sampled token (and the logits it was sampled from, for its score):
+        (text to release, finish_reason or None)."""
+        if self.logprobs is not None and logits is not None:
+            self.scores.append(token_scores(logits, token, self.logprobs))
+        if self.state is not None:
+            self.state.seen.append(token)
         piece, finish = self.text.add(token)
         self.done = self.text.done
         return piece, finish
+
+    def event(self, piece: str, finish: str | None) -> tuple:
+        """The event for released text: it carries the scores of the tokens sampled since the
+        row's last event (those of tokens past the end of the text included)."""
+        scores, self._sent = self.scores[self._sent:], len(self.scores)
+        return (self.job, self.index, piece, finish, scores)
+
+
+def token_scores(logits: np.ndarray, token: int, top: int) -> tuple:
+    """(token, its log-probability, the `top` most likely tokens and theirs) under the model's
+    own distribution: the logits before steering, temperature and filtering, as OpenAI's."""
+    x = np.asarray(logits, np.float64)
+    logp = x - x.max()
+    logp -= np.log(np.exp(logp).sum())
+    best = np.argpartition(-logp, top)[:top] if 0 < top < logp.size else np.arange(0)
+    best = best[np.lexsort((best, -logp[best]))]
+    return token, float(logp[token]), [(int(t), float(logp[t])) for t in best]
 
 
 class _Job:
@@ -76,11 +112,6 @@ class _Job:
 
 class QueueFull(Exception):
     pass
-
-
-def _pick_one(logits: np.ndarray, params, u: np.float32) -> int:
-    """One row's next token (logits [V]), exactly as `pick` samples it inside a batch."""
-    return int(pick(logits[None], [params], np.array([u], np.float32))[0])
 
 
 def _failed(row: _Row) -> tuple:
@@ -193,7 +224,6 @@ class Batcher:
             # the same shapes, so a row computes exactly what it would in a full batch.
             lanes += [None] * (self.max_batch - len(batch))
         seqs = [list((r or batch[0]).context[-(n_ctx - 1):]) for r in lanes]  # room for 1 new
-        params = [(r or batch[0]).params for r in lanes]
         rngs = [r.rng if r else np.random.default_rng(0) for r in lanes]
         backend = self.gen.engine.backend
         logits = backend.start(seqs)  # [B, V]
@@ -206,22 +236,22 @@ class Batcher:
             for i, row in enumerate(lanes):
                 if row is not None and row.done:
                     continue  # token 0: nothing reads a finished row
-                try:
-                    new[i] = _pick_one(logits[i], params[i], uniform[i])
-                except Exception:
-                    if row is not None:
-                        events.append(_failed(row))
+                if row is None:  # a filler: any token will do, nothing reads it
+                    new[i] = int(np.argmax(logits[i]))
                     continue
-                if row is None:
+                try:
+                    new[i] = row.pick(logits[i], uniform[i])
+                except Exception:
+                    events.append(_failed(row))
                     continue
                 if row.cancelled:
                     row.done = True
                     self.rows_cancelled += 1
                     continue
                 self.tokens_sampled += 1
-                piece, finish = row.add(int(new[i]))
+                piece, finish = row.add(int(new[i]), logits[i])
                 if piece or finish:
-                    events.append((row.job, row.index, piece, finish))
+                    events.append(row.event(piece, finish))
             for q, t in zip(seqs, new):
                 q.append(int(t))
             self._deliver(events)
@@ -241,8 +271,8 @@ class Batcher:
     @staticmethod
     def _deliver(events: list[tuple]) -> None:
         by_job: dict[_Job, list] = {}
-        for job, index, piece, finish in events:
-            by_job.setdefault(job, []).append((index, piece, finish))
+        for job, index, piece, finish, *scores in events:
+            by_job.setdefault(job, []).append((index, piece, finish, scores[0] if scores else []))
         for job, items in by_job.items():
             try:
                 job.loop.call_soon_threadsafe(job.push, items)
@@ -341,15 +371,15 @@ class ContinuousBatcher(Batcher):
                 self.rows_cancelled += 1
                 continue
             try:
-                token = _pick_one(slot.logits, row.params, u)
-                piece, finish = row.add(token)
+                token = row.pick(slot.logits, u)
+                piece, finish = row.add(token, slot.logits)
             except Exception:  # this row's settings broke the sampler: it fails alone
                 events.append(_failed(row))
                 continue
             self.tokens_sampled += 1
             slot.tokens.append(token)
             if piece or finish:
-                events.append((row.job, row.index, piece, finish))
+                events.append(row.event(piece, finish))
             if not row.done:
                 kept.append(slot)
         self._deliver(events)

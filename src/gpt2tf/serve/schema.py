@@ -12,18 +12,19 @@ from gpt2tf import settings
 from gpt2tf.errors import FieldError
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_LOGPROBS = 5  # as OpenAI
 # Request fields OpenAI defines that we accept only at their "off" value.
 _UNSUPPORTED_AT_DEFAULT = {
     "best_of": (None, 1),
-    "logprobs": (None, 0),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
     "suffix": (None, ""),
 }
+# The steering settings, by the names requests give them (OpenAI's; the others as vLLM and
+# transformers name them; min_tokens is vLLM's name for min_length).
+_STEERING = {s.name: s.name for s in settings.STEERING} | {"min_tokens": "min_length"}
 _KNOWN_FIELDS = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
-    "stream", "stream_options", "echo", "user", "ignore_eos", *_UNSUPPORTED_AT_DEFAULT,
+    "stream", "stream_options", "echo", "user", "ignore_eos", "logprobs",
+    *_UNSUPPORTED_AT_DEFAULT, *_STEERING,
 }
 
 
@@ -123,10 +124,17 @@ def _sampling_params(body: dict):
     # OpenAI's temperature 0 and top_p 0 mean "always the most likely token".
     if temperature == 0 or top_p == 0:
         temperature, top_k, top_p = 1.0, 1, 1.0
+    steering = {}
+    for name, setting in _STEERING.items():
+        if body.get(name) is not None:
+            if setting in steering:
+                raise ApiError(400, "give min_length or min_tokens, not both", param=name)
+            steering[setting] = body[name]
     try:
-        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, **steering)
     except FieldError as e:
-        raise ApiError(400, e.phrased(), param=e.field, code="invalid_value") from None
+        param = "min_tokens" if e.field == "min_length" and "min_tokens" in body else e.field
+        raise ApiError(400, e.phrased(), param=param, code="invalid_value") from None
 
 
 def _prompts(body: dict, gen) -> list[list[int]]:
@@ -173,6 +181,7 @@ class CompletionRequest:
     include_usage: bool
     echo: bool
     ignore_eos: bool
+    logprobs: int | None = None  # per-token log-probabilities and this many alternatives
 
 
 def parse_request(body, gen, limits: Limits, model_id: str) -> CompletionRequest:
@@ -192,8 +201,11 @@ def parse_request(body, gen, limits: Limits, model_id: str) -> CompletionRequest
     if model is not None and model != model_id:
         raise ApiError(404, f"The model {show(model)} does not exist; this server has {model_id!r}",
                        param="model", code="model_not_found")
-    max_tokens = _integer(body, "max_tokens", 16, minimum=1, maximum=limits.max_tokens_limit,
+    # max_tokens 0 generates nothing: with echo and logprobs it scores the prompt alone
+    max_tokens = _integer(body, "max_tokens", 16, minimum=0, maximum=limits.max_tokens_limit,
                           hint=" (the server's --max_tokens_limit)")
+    logprobs = None if body.get("logprobs") is None else _integer(
+        body, "logprobs", 0, minimum=0, maximum=MAX_LOGPROBS)
     n = _integer(body, "n", 1, minimum=1, maximum=limits.max_n)
     params = _sampling_params(body)
     stops = _stops(body)
@@ -222,6 +234,6 @@ def parse_request(body, gen, limits: Limits, model_id: str) -> CompletionRequest
         contexts=contexts, n=n, max_tokens=max_tokens, params=params, stops=stops,
         # numpy seeds are unsigned; any integer is accepted, as OpenAI does
         seed=new_seed() if seed is None else seed % 2**64, stream=stream,
-        include_usage=include_usage, echo=echo, ignore_eos=ignore_eos,
+        include_usage=include_usage, echo=echo, ignore_eos=ignore_eos, logprobs=logprobs,
     )
 
