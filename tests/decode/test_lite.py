@@ -79,10 +79,34 @@ def max_error(reference, prompt, seq, got) -> float:
     return float(np.abs(got[:len(want)] - want).max())
 
 
-def test_prefill_buckets():
-    assert lite.prefill_buckets(64) == (32, 64)
-    assert lite.prefill_buckets(1024) == (32, 128, 512, 1024)
-    assert lite.prefill_buckets(32) == (32,)
+def test_chunk_sizes():
+    assert lite.chunk_sizes(64) == (32, 64)
+    assert lite.chunk_sizes(1024) == (32, 128)
+    assert lite.chunk_sizes(32) == (32,)
+    assert lite.chunk_sizes(16) == (16,)
+
+
+def test_a_prompt_in_chunks_of_any_size(fp32_model, reference):
+    """Chunks of a row's prompt at their positions, beside another row, equal the full forward
+    pass (the server prefills long prompts a chunk at a time between decode steps)."""
+    step = lite.LiteStep(fp32_model, HP)
+    step.start(2)
+    rng = np.random.default_rng(9)
+    prompt = list(rng.integers(0, HP.n_vocab, 170))
+    other = list(rng.integers(0, HP.n_vocab, 9))
+    step.prefill(1, other)
+    want = reference(prompt)
+    got = []
+    for start, end in [(0, 1), (1, 33), (33, 161), (161, 170)]:  # 1, 32, 128 and 9 tokens
+        got.append(step.extend(0, prompt[start:end], start))
+        np.testing.assert_allclose(got[-1], want[end - 1], atol=EXACT)
+    assert step.cache_len == 256  # it grew past 128 slots on the way
+    # both rows decode on from their own caches
+    logits = step.step(np.array([3, 4], np.int32), np.array([170, 9], np.int32))
+    np.testing.assert_allclose(logits[0], reference(prompt + [3])[-1], atol=EXACT)
+    np.testing.assert_allclose(logits[1], reference(other + [4])[-1], atol=EXACT)
+    with pytest.raises(ValueError, match="chunk"):
+        step.extend(0, [1] * 129, 0)
     assert lite.cache_lengths(1024) == (128, 256, 512, 1024)
     assert lite.cache_lengths(320) == (128, 256, 320)
     assert lite.cache_lengths(64) == (64,)

@@ -153,3 +153,38 @@ def test_a_lone_request_runs_at_batch_one_after_a_busy_spell(served):
         list(pool.map(lambda i: _complete(url, max_tokens=40, seed=i, ignore_eos=True), range(3)))
     _complete(url, max_tokens=5, seed=9, ignore_eos=True)
     assert gen.engine.backend.lite.rows == 1  # no idle rows computed for a lone client
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_others_steps(tmp_path_factory):
+    """A 300-token prompt arriving while another row decodes runs as 3 chunks, each between two
+    of the other's decode steps; both texts equal their texts alone."""
+    hp = tiny(n_ctx=320, n_head=2)  # chunks of 128 (and 32)
+    model = checkpoints.init_model_dir(tmp_path_factory.mktemp("long") / "tiny", hp, seed=4)
+    limits = serve_schema.Limits(max_batch=4, max_tokens_limit=500, max_prompt_tokens=310)
+    long_prompt = list(np.random.default_rng(0).integers(0, 256, 300))
+    bodies = [{"prompt": "Hello", "max_tokens": 60, "seed": 1, "ignore_eos": True},
+              {"prompt": [int(t) for t in long_prompt], "max_tokens": 5, "seed": 2,
+               "ignore_eos": True}]
+    with Generator(model) as gen:
+        service = serve_app.Service(gen, model_id="tiny", limits=limits)
+        lite = service.batcher.lite
+        calls = []
+        extend, step = lite.extend, lite.step
+        lite.extend = lambda row, tokens, start: calls.append(("extend", len(tokens))) or \
+            extend(row, tokens, start)
+        lite.step = lambda tokens, positions: calls.append(("step", len(tokens))) or \
+            step(tokens, positions)
+        with serve_server.serve_in_thread(service.app()) as url:
+            alone = [_complete(url, **b)["text"] for b in bodies]
+            calls.clear()
+            with ThreadPoolExecutor(2) as pool:
+                first = pool.submit(_complete, url, **bodies[0])
+                while not any(c[0] == "step" for c in calls):  # the short one is decoding
+                    time.sleep(0.001)
+                second = pool.submit(_complete, url, **bodies[1])
+                together = [first.result()["text"], second.result()["text"]]
+    assert together == alone
+    chunks = [i for i, c in enumerate(calls) if c == ("extend", 128) or c == ("extend", 44)]
+    assert [calls[i][1] for i in chunks] == [128, 128, 44]
+    for a, b in zip(chunks, chunks[1:]):
+        assert any(c[0] == "step" for c in calls[a:b]), calls[a:b]  # the other decoded between

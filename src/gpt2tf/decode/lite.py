@@ -6,8 +6,15 @@
   step         tokens [B] int32, positions [B] int32, bias [B, S] float32,
                k_0, v_0, ..., k_{L-1}, v_{L-1} [B, H, S, D] float32
                -> logits [B, V], new_k [L, B, H, D], new_v [L, B, H, D]; B and S are dynamic
-  prefill_<T>  tokens [T] int32 (right-padded), length [1] int32
+  extend_<T>   tokens [T] int32 (right-padded), start [1] int32, length [1] int32,
+               bias [1, S] float32, k_0, v_0, ..., k_{L-1}, v_{L-1} [1, H, S, D] float32
                -> logits [1, V] of token length-1, k [L, H, T, D], v [L, H, T, D]
+
+`extend` runs a chunk of one row's prompt at positions start..start+length-1 over the row's
+cache (its first `start` slots, given as inputs), so a long prompt is prefilled chunk by chunk
+(the server runs other rows' decode steps between two chunks), and a prompt of any length
+needs only the few chunk sizes of `chunk_sizes`: XNNPACK packs its own copy of the weights for
+every signature, so fewer signatures take less memory.
 
 The cache is only read inside the model: row b attends to the slots its `bias` row keeps (0;
 MASK_VALUE drops one) plus its own new key/value, so every row sits at its own position (rows
@@ -39,8 +46,9 @@ from gpt2tf.errors import UserError
 from gpt2tf.hparams import HParams
 
 LITE_PRECISIONS = ("fp32", "int8")  # int8: dynamic-range, per-channel weights
-FORMAT_VERSION = 2  # bump when the converted model's layout changes (it keys an on-disk cache)
+FORMAT_VERSION = 3  # bump when the converted model's layout changes (it keys an on-disk cache)
 # 2: the step takes its attention mask as the input `bias` (1 computed it from positions)
+# 3: prompts run in chunks over the cache ("extend_<T>"), not whole ("prefill_<T>")
 
 STEP = "step"
 # tf.lite.Interpreter warns on every construction that it moves to the ai_edge_litert package
@@ -48,12 +56,13 @@ STEP = "step"
 _DEPRECATION = r"\s*Warning: tf\.lite\.Interpreter is deprecated"
 
 
-def prefill_buckets(n_ctx: int) -> tuple[int, ...]:
-    """Prompt lengths the prefill signatures take: 32, 128, 512 below n_ctx, and n_ctx itself.
+def chunk_sizes(n_ctx: int) -> tuple[int, ...]:
+    """Chunk lengths the extend signatures take: 32 and 128 (less where n_ctx is smaller).
 
-    A prompt runs through the smallest bucket that fits, so it computes at most ~4x its length.
-    """
-    return tuple(t for t in (32, 128, 512) if t < n_ctx) + (n_ctx,)
+    A prompt runs as chunks of the largest size, its last one in the smallest that fits, so
+    it computes at most 31 padded positions; 128 keeps the matmuls efficient while a chunk
+    stalls the server's running streams for one short step."""
+    return tuple(sorted({min(32, n_ctx), min(128, n_ctx)}))
 
 
 def cache_lengths(n_ctx: int) -> tuple[int, ...]:
@@ -69,8 +78,8 @@ def cache_lengths(n_ctx: int) -> tuple[int, ...]:
     return tuple(sizes) + (n_ctx,)
 
 
-def _prefill_key(t: int) -> str:
-    return f"prefill_{t}"
+def _extend_key(t: int) -> str:
+    return f"extend_{t}"
 
 
 def _cache_name(kind: str, layer: int) -> str:
@@ -162,22 +171,32 @@ def step_attn(x, p, scope, *, cache_k, cache_v, bias, hparams: HParams):
     return conv1d(a, p, scope + "/c_proj"), k, v
 
 
-def prefill_attn(x, p, scope, *, bias, hparams: HParams):
-    """Causal attention over one prompt. x: [T, C]; bias: [T, T].
+def extend_attn(x, p, scope, *, cache_k, cache_v, bias, causal, hparams: HParams):
+    """A chunk of T positions over the row's cache and itself. x: [T, C]; cache_*:
+    [1, H, S, D]; bias: [1, 1, S] (the cache slots to read); causal: [T, T].
 
-    Returns the attention output [T, C] and the keys and values [H, T, D].
+    Returns the attention output [T, C] and the chunk's keys and values [H, T, D].
     """
     q, k, v = tf.split(conv1d(x, p, scope + "/c_attn"), 3, axis=-1)  # [T, C] each
     q = split_heads(q * (1.0 / math.sqrt(hparams.head_dim)), hparams)  # [H, T, D]
     k, v = split_heads(k, hparams), split_heads(v, hparams)
-    w = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) + bias, axis=-1)  # [H, T, T]
-    a = merge_heads(tf.matmul(w, v), hparams)  # [H, T, D] -> [T, C]
-    return conv1d(a, p, scope + "/c_proj"), k, v
+    ck = tf.reshape(cache_k, [hparams.n_head, -1, hparams.head_dim])  # [H, S, D]
+    cv = tf.reshape(cache_v, [hparams.n_head, -1, hparams.head_dim])
+    # The cache's scores and the chunk's own apart, as in step_attn: no concat copies the cache
+    w = tf.matmul(q, ck, transpose_b=True) + bias  # [H, T, S]
+    w_self = tf.matmul(q, k, transpose_b=True) + causal  # [H, T, T]
+    m = tf.maximum(tf.reduce_max(w, axis=-1, keepdims=True),
+                   tf.reduce_max(w_self, axis=-1, keepdims=True))  # [H, T, 1]
+    e, e_self = tf.exp(w - m), tf.exp(w_self - m)
+    a = tf.matmul(e, cv) + tf.matmul(e_self, v)  # [H, T, D]
+    a = a / (tf.reduce_sum(e, axis=-1, keepdims=True) + tf.reduce_sum(e_self, axis=-1,
+                                                                     keepdims=True))
+    return conv1d(merge_heads(a, hparams), p, scope + "/c_proj"), k, v
 
 
 def block(h, p, layer: int, attend):
     """One pre-norm block: h + attn(ln_1(h)), then + mlp(ln_2(h)). `attend` is step_attn or
-    prefill_attn with its other arguments bound. Returns the new h and the layer's k and v."""
+    extend_attn with its other arguments bound. Returns the new h and the layer's k and v."""
     scope = f"model/h{layer}"
     a, k, v = attend(norm(h, p, scope + "/ln_1"), p, scope + "/attn")
     h = h + a
@@ -213,21 +232,35 @@ def step_function(p: dict, hparams: HParams) -> tf.types.experimental.ConcreteFu
     return tf.function(step, input_signature=specs).get_concrete_function()
 
 
-def prefill_function(p: dict, hparams: HParams, t: int) -> tf.types.experimental.ConcreteFunction:
-    """The "prefill_<t>" signature: one right-padded prompt of up to t tokens, from slot 0.
+def extend_function(p: dict, hparams: HParams, t: int) -> tf.types.experimental.ConcreteFunction:
+    """The "extend_<t>" signature: a right-padded chunk of up to t tokens of one row, from slot
+    `start`, over the row's cache.
 
     Padding needs no mask of its own: the padded positions come after every real one, so the
-    causal mask already hides them.
+    causal mask already hides them (their positions are clamped into the table).
     """
     hp = hparams
     i = tf.range(t)
     causal = tf.where(i[None, :] <= i[:, None], 0.0, model.MASK_VALUE)  # [T, T]
+    cache_spec = [1, hp.n_head, None, hp.head_dim]  # [1, H, S, D]: S dynamic
+    specs = [
+        tf.TensorSpec([t], tf.int32, "tokens"),
+        tf.TensorSpec([1], tf.int32, "start"),
+        tf.TensorSpec([1], tf.int32, "length"),
+        tf.TensorSpec([1, None], tf.float32, "bias"),  # [1, S]
+    ]
+    for layer in range(hp.n_layer):
+        specs += [tf.TensorSpec(cache_spec, tf.float32, _cache_name(kind, layer)) for kind in "kv"]
 
-    def prefill(tokens, length):
-        h = tf.gather(p["model/wte"], tokens) + p["model/wpe"][:t]  # [T, C]
-        attend = functools.partial(prefill_attn, bias=causal, hparams=hp)
+    def extend(tokens, start, length, bias, *cache):
+        positions = tf.minimum(start + i, hp.n_ctx - 1)  # [T]
+        h = tf.gather(p["model/wte"], tokens) + tf.gather(p["model/wpe"], positions)  # [T, C]
+        bias = tf.expand_dims(bias, 1)  # [1, 1, S]
         ks, vs = [], []
         for layer in range(hp.n_layer):
+            attend = functools.partial(extend_attn, cache_k=cache[2 * layer],
+                                       cache_v=cache[2 * layer + 1], bias=bias, causal=causal,
+                                       hparams=hp)
             h, k, v = block(h, p, layer, attend)
             ks.append(k)
             vs.append(v)
@@ -235,13 +268,13 @@ def prefill_function(p: dict, hparams: HParams, t: int) -> tf.types.experimental
         logits = lm_head(norm(last, p, "model/ln_f"), p)  # [1, V]
         return {"logits": logits, "k": tf.stack(ks), "v": tf.stack(vs)}  # k, v: [L, H, T, D]
 
-    prefill.__name__ = _prefill_key(t)  # the converter names the signature after the function
-    specs = [tf.TensorSpec([t], tf.int32, "tokens"), tf.TensorSpec([1], tf.int32, "length")]
-    return tf.function(prefill, input_signature=specs).get_concrete_function()
+    extend.__name__ = _extend_key(t)  # the converter names the signature after the function
+    return tf.function(extend, input_signature=specs).get_concrete_function()
 
 
 def build(weights: dict[str, np.ndarray], hparams: HParams, *, precision: str) -> bytes:
-    """The .tflite flatbuffer: signature "step" and one "prefill_<T>" per bucket, sharing weights.
+    """The .tflite flatbuffer: signature "step" and one "extend_<T>" per chunk size, sharing
+    the weights.
 
     The batch dimension and the cache length of "step" are dynamic (-1), so that one file serves
     every batch size; LiteStep resizes them. For 124M this takes 1.5 (fp32) to 3 (int8) minutes
@@ -253,7 +286,7 @@ def build(weights: dict[str, np.ndarray], hparams: HParams, *, precision: str) -
         raise RuntimeError("lite.build needs eager execution: call it outside a graph context")
     p = constants(weights, hparams)
     functions = [step_function(p, hparams)]
-    functions += [prefill_function(p, hparams, t) for t in prefill_buckets(hparams.n_ctx)]
+    functions += [extend_function(p, hparams, t) for t in chunk_sizes(hparams.n_ctx)]
     # Several signatures take the multi-function path, which wants an owner object for them.
     converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, tf.Module())
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -295,9 +328,9 @@ class LiteStep:
     cache: for 124M at 8 rows, 50 ms at 128 slots and 0.5-1 s on growing to 512 or 1024; paid
     once per change, not per token.
 
-    Memory: XNNPACK packs its own copy of the weights for every signature (1 + the prefill
-    buckets: 5 for n_ctx=1024), so 124M takes about 2.9 GB in fp32 and 0.9 GB in int8, plus the
-    cache (rows x 2 x n_layer x cache_len x n_embd floats: 600 MB at 8 rows of 1024).
+    Memory: XNNPACK packs its own copy of the weights for every signature (step and the two
+    chunk sizes), so 124M takes about 1.5 GB in fp32 and 0.5 GB in int8, plus the cache (rows x
+    2 x n_layer x cache_len x n_embd floats: 600 MB at 8 rows of 1024).
     """
 
     def __init__(self, model: bytes | str | os.PathLike, hparams: HParams, *, threads: int = 2):
@@ -308,12 +341,12 @@ class LiteStep:
         self._sigs = self._read_signatures()
         self._check_layout(model)
         self._lengths = cache_lengths(hparams.n_ctx)
-        self._buckets = prefill_buckets(hparams.n_ctx)
+        self._chunks = chunk_sizes(hparams.n_ctx)
         # Once without a subgraph index: that is the call which applies the default delegate
         # (XNNPACK) to every subgraph. Each subgraph is then allocated on its own.
         with native_stderr_hidden():  # XNNPACK announces itself on fd 2
             self._wrapper.AllocateTensors()
-        self._allocated = set()
+        self._allocated: dict[str, int] = {}  # extend signature -> the cache length it has
         self._rows, self._cache_len = 0, 0
         self._replan(1, self._lengths[0], keep=False)
 
@@ -337,7 +370,7 @@ class LiteStep:
     def _check_layout(self, model) -> None:
         """The file must be build()'s layout for these hparams (it may come from a disk cache)."""
         hp = self.hparams
-        expected = {STEP} | {_prefill_key(t) for t in prefill_buckets(hp.n_ctx)}
+        expected = {STEP} | {_extend_key(t) for t in chunk_sizes(hp.n_ctx)}
         step = self._sigs.get(STEP)
         problem = None
         if set(self._sigs) != expected:
@@ -435,36 +468,65 @@ class LiteStep:
         return self._rows
 
     @property
+    def chunk_size(self) -> int:
+        """The most tokens one extend() takes."""
+        return self._chunks[-1]
+
+    @property
     def cache_len(self) -> int:
         """The slots each row has now (one of cache_lengths(n_ctx))."""
         return self._cache_len
 
     def prefill(self, row: int, tokens: Sequence[int]) -> np.ndarray:
-        """Run one prompt (1 <= len <= n_ctx) through the smallest prefill bucket that fits; fill
-        cache row `row` at slots 0..len-1 (other rows untouched). Returns logits [n_vocab]
-        float32 of the last prompt token (a copy)."""
-        self._check_row(row)
+        """Run one prompt (1 <= len <= n_ctx) into cache row `row` at slots 0..len-1 (other rows
+        untouched), chunk by chunk. Returns logits [n_vocab] float32 of the last prompt token."""
         tokens = self._token_ids(tokens, "the prompt")
         n = len(tokens)
         if not 1 <= n <= self.hparams.n_ctx:
             raise UserError(f"a prompt must have 1 to n_ctx={self.hparams.n_ctx} tokens, got {n}")
-        t = min(b for b in self._buckets if b >= n)
-        key = _prefill_key(t)
-        if key not in self._allocated:
-            # On first use, so an unused bucket's activations take no memory (the weights
-            # XNNPACK packed for it at start-up are there anyway)
-            self._wrapper.AllocateTensors(self._sigs[key].subgraph)
-            self._allocated.add(key)
-        self._fit(n)
+        size = self._chunks[-1]
+        for start in range(0, n, size):
+            logits = self.extend(row, tokens[start:start + size], start)
+        return logits
+
+    def extend(self, row: int, tokens: Sequence[int], start: int) -> np.ndarray:
+        """Run 1..max(chunk_sizes) tokens at positions start.. of cache row `row`, whose slots
+        0..start-1 must be filled; fill slots start..start+len-1. Returns logits [n_vocab]
+        float32 of the last of them (a copy)."""
+        self._check_row(row)
+        tokens = self._token_ids(tokens, "the prompt")
+        n, hp = len(tokens), self.hparams
+        if not 1 <= n <= self._chunks[-1] or not 0 <= start <= hp.n_ctx - n:
+            raise ValueError(f"a chunk must have 1 to {self._chunks[-1]} tokens within n_ctx="
+                             f"{hp.n_ctx}, got {n} from position {start}")
+        t = min(c for c in self._chunks if c >= n)
+        key = _extend_key(t)
+        self._fit(start + n)
+        if self._allocated.get(key) != self._cache_len:
+            # On first use and when the cache grows (so an unused size's activations take no
+            # memory; the weights XNNPACK packed for it at start-up are there anyway)
+            sig = self._sigs[key]
+            self._resize(sig, "bias", [1, self._cache_len])
+            for name in self._names():
+                self._resize(sig, name, [1, hp.n_head, self._cache_len, hp.head_dim])
+            self._wrapper.AllocateTensors(sig.subgraph)
+            self._allocated[key] = self._cache_len
+            for name in self._names():
+                self._view(key, name).fill(0.0)  # never NaN: see _replan
         padded = np.zeros([t], np.int32)
         padded[:n] = tokens
         self._view(key, "tokens")[:] = padded
+        self._view(key, "start")[:] = start
         self._view(key, "length")[:] = n
+        self._view(key, "bias")[:] = np.where(np.arange(self._cache_len) < start, 0.0,
+                                              model.MASK_VALUE)[None]
+        for name in self._names():  # the row's filled slots (the rest is masked)
+            self._view(key, name)[0, :, :start] = self._view(STEP, name)[row, :, :start]
         self._invoke(key)
-        for layer in range(self.hparams.n_layer):
+        for layer in range(hp.n_layer):
             for kind in "kv":
-                # [H, n, D] of this prompt into row `row` of the step's cache [B, H, S, D]
-                self._view(STEP, _cache_name(kind, layer))[row, :, :n] = \
+                # [H, n, D] of this chunk into row `row` of the step's cache [B, H, S, D]
+                self._view(STEP, _cache_name(kind, layer))[row, :, start:start + n] = \
                     self._view(key, kind)[layer, :, :n]
         return self._output(key, "logits")[0]
 

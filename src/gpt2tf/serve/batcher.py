@@ -286,11 +286,17 @@ def _tile(rows: int, max_batch: int) -> int:
 
 
 class _Slot:
-    """A running row's decode state. `tokens`: its window, all of it in the cache but the
-    newest token; `logits`: the prediction for its next token."""
+    """A row's decode state. Running: `tokens` is its window, all of it in the cache but the
+    newest token, and `logits` the prediction for its next token. Still being prefilled:
+    `tokens` is the part of its prompt in the cache, `pending` the rest, `logits` None."""
 
-    def __init__(self, row: _Row, logits: np.ndarray, tokens: list[int]):
-        self.row, self.logits, self.tokens = row, logits, tokens
+    def __init__(self, row: _Row, pending: list[int]):
+        self.row, self.logits, self.tokens, self.pending = row, None, [], list(pending)
+
+    @property
+    def cached(self) -> int:
+        """How many of the row's cache slots are filled."""
+        return len(self.tokens) - (0 if self.pending or self.logits is None else 1)
 
 
 class ContinuousBatcher(Batcher):
@@ -338,38 +344,72 @@ class ContinuousBatcher(Batcher):
             return False
 
     def _admit(self) -> None:
-        """Prefill waiting rows into free cache rows, between two steps of the running ones:
-        one prompt per step while others decode (their streams pause for one prefill at a
-        time), as many as fit when nothing runs."""
-        budget = 1 if self.slots else self.max_batch
-        while len(self.slots) < self.max_batch and budget > 0:
-            budget -= 1
-            with self._cond:
-                self._drop_cancelled()
-                if not self._pending:
-                    return
-                row = self._pending.popleft()
-            n = len(self.slots)
-            if self.lite.rows < n + 1:
-                self.lite.resize(_tile(n + 1, self.max_batch))
-            context = row.context[-(self.n_ctx - 1):]  # leave room for the first new token
-            try:
-                logits = self.lite.prefill(n, context)  # [V]
-            except Exception:  # this prompt alone; cache row n is refilled by the next one
-                log.exception("prefill failed for one row (its request fails)")
-                self._deliver([(row.job, row.index, "", "failed")])
-                continue
-            self.slots.append(_Slot(row, logits, list(context)))
+        """Prefill waiting rows into free cache rows, between two steps of the running ones.
+
+        While others decode, one chunk of one prompt runs per step (a long prompt takes several
+        steps, so the running streams pause for one chunk at a time, never a whole prompt);
+        when nothing runs, as many whole prompts as fit."""
+        if any(slot.logits is not None for slot in self.slots):
+            filling = next((s for s in self.slots if s.pending), None)
+            if filling is None and self._new_slot() is None:
+                return
+            self._fill(filling or self.slots[-1], whole=False)
+            return
+        for slot in [s for s in self.slots if s.pending]:
+            self._fill(slot, whole=True)
+        while len(self.slots) < self.max_batch and (slot := self._new_slot()) is not None:
+            self._fill(slot, whole=True)
+
+    def _new_slot(self) -> "_Slot | None":
+        """The oldest waiting row in a new slot (its cache row: the next free one), or None."""
+        if len(self.slots) >= self.max_batch:
+            return None
+        with self._cond:
+            self._drop_cancelled()
+            if not self._pending:
+                return None
+            row = self._pending.popleft()
+        n = len(self.slots)
+        if self.lite.rows < n + 1:
+            self.lite.resize(_tile(n + 1, self.max_batch))
+        slot = _Slot(row, row.context[-(self.n_ctx - 1):])  # room for the first new token
+        self.slots.append(slot)
+        return slot
+
+    def _fill(self, slot: "_Slot", *, whole: bool) -> None:
+        """Prefill the next chunk of a slot's prompt (all of it if `whole`); a failure fails
+        this row alone (its slot is dropped; its cache row is refilled by the next one)."""
+        i = self.slots.index(slot)
+        size = self.lite.chunk_size
+        try:
+            while slot.pending:
+                chunk, slot.pending = slot.pending[:size], slot.pending[size:]
+                logits = self.lite.extend(i, chunk, len(slot.tokens))  # [V]
+                slot.tokens += chunk
+                if not whole:
+                    break
+        except Exception:
+            log.exception("prefill failed for one row (its request fails)")
+            self._deliver([(slot.row.job, slot.row.index, "", "failed")])
+            self._keep([s for s in self.slots if s is not slot])
+            return
+        if not slot.pending:
+            slot.logits = logits
 
     def _sample(self) -> None:
         """Pick every running row's next token; deliver text; retire finished rows."""
         events, kept = [], []
-        uniform = np.array([s.row.rng.random() for s in self.slots], np.float32)
-        for slot, u in zip(self.slots, uniform):
+        ready = [s for s in self.slots if s.logits is not None]
+        uniform = dict(zip(map(id, ready), (s.row.rng.random() for s in ready)))
+        for slot in self.slots:
             row = slot.row
             if row.cancelled:
                 self.rows_cancelled += 1
                 continue
+            if slot.logits is None:  # still being prefilled: nothing to sample yet
+                kept.append(slot)
+                continue
+            u = np.float32(uniform[id(slot)])
             try:
                 token = row.pick(slot.logits, u)
                 piece, finish = row.add(token, slot.logits)
@@ -390,7 +430,7 @@ class ContinuousBatcher(Batcher):
         for dst, slot in enumerate(kept):
             src = self.slots.index(slot)
             if src != dst:
-                self.lite.copy_row(src, dst, len(slot.tokens) - 1)
+                self.lite.copy_row(src, dst, slot.cached)
         self.slots = kept
 
     def _step(self) -> None:
@@ -407,7 +447,10 @@ class ContinuousBatcher(Batcher):
         positions = np.zeros([rows], np.int32)
         slid = set()
         for i, slot in enumerate(self.slots):
-            if len(slot.tokens) - 1 >= self.n_ctx:  # the newest token has no slot left
+            if slot.logits is None:  # being prefilled: the step writes a throwaway at its next
+                positions[i] = len(slot.tokens)  # free slot, which its next chunk overwrites
+                slid.add(i)
+            elif len(slot.tokens) - 1 >= self.n_ctx:  # the newest token has no slot left
                 slot.tokens = slot.tokens[-self.keep:]
                 slot.logits = self.lite.prefill(i, slot.tokens)
                 slid.add(i)
