@@ -8,7 +8,7 @@ and that state, never the base weights; the run's lora.json records the adapters
 the base checkpoint they apply to, with a hash of its .index file (which holds a CRC of every
 tensor), so a base that changed since is refused rather than silently used.
 
-Made from a run: `merge` writes a full model in OpenAI's layout (W + (A / R) * A_ @ B_ in
+Made from a run: `merge` writes a full model in OpenAI's layout (W + (alpha / R) * A @ B in
 conv1d's [nx, nf] layout); gpt2tf.convert.to_peft writes a PEFT adapter; `LoraRun` is what
 generation and serving load (gpt2tf.decode.generator).
 """
