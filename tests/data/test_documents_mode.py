@@ -151,8 +151,8 @@ def test_training_in_documents_mode_resumes_exactly(tmp_path, models_dir, capsys
 
     monkeypatch.setattr(Trainer, "next_feeds", next_feeds)
     data = _lines(tmp_path / "lines.txt")
-    flags = dict(seq_len=16, batch_size=2, learning_rate=1e-3, sample_mode="documents",
-                 line_by_line=True, save_every=0)
+    flags = {"seq_len": 16, "batch_size": 2, "learning_rate": 1e-3,
+             "sample_mode": "documents", "line_by_line": True, "save_every": 0}
     code, _, err = train(base_args(tmp_path, models_dir, data, "whole", steps=4, **flags),
                          capsys)
     assert code == 0, err

@@ -145,7 +145,7 @@ def test_without_keep_best_the_best_is_pruned_and_best_json_goes(tmp_path, model
 def test_needs_validation_one_line_and_nothing_written(tmp_path, models_dir, data, capsys,
                                                        flags, field):
     before = snapshot(tmp_path)
-    code, out, err = train(base_args(tmp_path, models_dir, data, steps=2) + flags, capsys)
+    code, _, err = train(base_args(tmp_path, models_dir, data, steps=2) + flags, capsys)
     assert code == 1
     assert err.startswith(f"error: --{field} needs validation") and err.count("\n") == 1, err
     assert "Traceback" not in err and snapshot(tmp_path) == before
