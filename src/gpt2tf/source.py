@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gpt2tf import paths
 from gpt2tf.errors import UserError
+from gpt2tf.quiet import import_tensorflow
 from gpt2tf.hparams import HParams
 
 
@@ -107,6 +108,7 @@ class ModelSource:
         state = self.path / paths.CKPT_STATE
         prefix = None
         if state.is_file():
+            import_tensorflow()  # quietly: this may be the first use of TensorFlow
             import tensorflow as tf
 
             try:

@@ -95,10 +95,10 @@ def generate(*, model_name, models_dir, run_name, checkpoint_dir, checkpoint, se
         prefix = read_prompts(prefix_file, field)
     source = _source(model_name, models_dir, run_name, checkpoint_dir)
     import_tensorflow()  # quietly, before reading `checkpoint` needs TensorFlow
-    prefix = source.named_checkpoint(checkpoint)  # latest, best or e.g. model-120
+    ckpt = source.named_checkpoint(checkpoint)  # latest, best or e.g. model-120
     from gpt2tf.decode.generator import Generator, generate_texts
 
-    with Generator(source, checkpoint=prefix, precision=precision) as gen:
+    with Generator(source, checkpoint=ckpt, precision=precision) as gen:
         def show(i, text):
             if not destination_path:
                 print(format_sample(text, sample_delim, nsamples), end="", flush=True)
@@ -146,7 +146,7 @@ def interactive(*, model_name, models_dir, run_name, checkpoint_dir, checkpoint,
     SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, **steering)  # checked
     source = _source(model_name, models_dir, run_name, checkpoint_dir)
     import_tensorflow()
-    prefix = source.named_checkpoint(checkpoint)
+    ckpt = source.named_checkpoint(checkpoint)
     from gpt2tf.decode.generator import Generator, generate_texts
 
     # A shell starts background jobs with SIGINT ignored; this loop is driven by Ctrl-C.
@@ -170,7 +170,7 @@ def interactive(*, model_name, models_dir, run_name, checkpoint_dir, checkpoint,
             banner(i)
             print(text)
 
-    with Generator(source, checkpoint=prefix, precision=precision) as gen:
+    with Generator(source, checkpoint=ckpt, precision=precision) as gen:
         while True:
             try:
                 prompt = input(PROMPT)
