@@ -59,18 +59,25 @@ def cache_dir() -> Path:
                 or Path(tempfile.gettempdir()) / "gpt2tf-bench")
 
 
-def prepare(cache: Path, size: str) -> tuple[Path, Path]:
-    """models/<size>-random (made once) and a text file to train on."""
+def make_model(out_dir: Path, size: str) -> None:
+    """`gpt2tf init` of a size's shape (in a subprocess: the parent must stay small, or the
+    memory it kept would count against the runs it measures)."""
     from gpt2tf import checkpoints
     from gpt2tf.hparams import HParams
 
+    vocab = SHARED_DATA if (SHARED_DATA / "encoder.json").is_file() else None
+    checkpoints.init_model_dir(out_dir, HParams(**SHAPES[size]), vocab_dir=vocab)
+
+
+def prepare(cache: Path, size: str) -> tuple[Path, Path]:
+    """models/<size>-random (made once) and a text file to train on."""
     models = cache / "models"
     name = f"{size}-random"
     if not (models / name / "checkpoint").is_file():
         models.mkdir(parents=True, exist_ok=True)
-        vocab = SHARED_DATA if (SHARED_DATA / "encoder.json").is_file() else None
         print(f"creating a random {size} model (once) ...", flush=True)
-        checkpoints.init_model_dir(models / name, HParams(**SHAPES[size]), vocab_dir=vocab)
+        subprocess.run([sys.executable, __file__, "--make_model", str(models / name),
+                        "--size", size], check=True)
     text = cache / "train.txt"
     if not text.is_file():
         src = SHARED_DATA / "tinyshakespeare.txt"
@@ -149,10 +156,14 @@ def main() -> int:
     p.add_argument("--lora_rank", type=int, default=8)
     p.add_argument("--out", default=str(REPO / "bench_out" / "lora.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--make_model", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.make_model:
+        make_model(Path(args.make_model), args.size)
+        return 0
     if args.worker:
         args.models = str(args.models)
         print("RESULT " + json.dumps(worker(args)), flush=True)
