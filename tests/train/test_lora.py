@@ -168,6 +168,18 @@ def test_generation_uses_the_adapters(lora_run, merged):
             assert gen.generate_tokens(TOKENS[0], **_params(kw)) == want, engine
 
 
+def test_generate_command_on_a_lora_run(lora_run, merged, capsys):
+    """`gpt2tf generate --run_name` takes a LoRA run as it takes any run."""
+    flags = ["--nsamples", 1, "--length", 8, "--top_k", 1, "--seed", 0, "--prefix", "the "]
+    capsys.readouterr()
+    assert _gpt2tf(["generate", "--run_name", lora_run.name, "--checkpoint_dir",
+                    lora_run.parent, *flags]) == 0
+    from_run = capsys.readouterr().out
+    assert _gpt2tf(["generate", "--model_name", merged.name, "--models_dir", merged.parent,
+                    *flags]) == 0
+    assert from_run and from_run == capsys.readouterr().out
+
+
 def _params(kw: dict) -> dict:
     from gpt2tf.decode.engine import SamplingParams
 
