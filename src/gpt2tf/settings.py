@@ -299,6 +299,7 @@ OPTIMIZERS = ("adam", "sgd", "adafactor")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")  # bf16: bfloat16 matmuls; weights, norms and the loss in float32
 SAMPLE_MODES = ("windows", "documents")
+CLUSTERS = ("auto", "slurm", "none")  # see gpt2tf.train.distributed
 TRAIN = (
     S("dataset", str, None, "text file, folder, glob, .csv, .jsonl or .npz to train on"
       " (required unless resuming a run that has one)", optional=True, metavar="PATH",
@@ -376,6 +377,12 @@ TRAIN_INVOCATION = (
       low=-1),
     S("overwrite", bool, False, "with --restore_from fresh: replace the run's checkpoints (after"
       " the new one is saved)"),
+    S("cluster", str, "auto", "data-parallel workers: auto (those TF_CONFIG names, else train"
+      " alone), slurm (the Slurm allocation's tasks) or none; --batch_size is per worker",
+      choices=CLUSTERS),
+    S("collective_timeout_s", float, 60.0, "data-parallel: a worker that does not answer an"
+      " all-reduce within this many seconds ends training with an error naming it", low=0,
+      low_open=True),
 )
 
 # Serving.

@@ -41,7 +41,7 @@ from gpt2tf.decode.engine import DecodeEngine, SamplingParams
 from gpt2tf.decode.graph import GraphBackend
 from gpt2tf.decode.generator import session_config
 from gpt2tf.errors import FieldError, UserError
-from gpt2tf.train import run_state
+from gpt2tf.train import distributed, run_state
 from gpt2tf.train.config import (
     TrainConfig,
     check_invocation,
@@ -64,19 +64,26 @@ class Graph:
     """The training graph: step, validation loss, sampler, savers, in its own tf.Graph."""
 
     def __init__(self, cfg: TrainConfig, hparams, encoder, *, window: int,
-                 adapters: model.Lora | None = None):
+                 adapters: model.Lora | None = None, cluster=None,
+                 collective_timeout_s: float = 60.0):
         tf1 = tf.compat.v1
-        b, t = cfg.batch_size, window - 1
+        b, t = cfg.batch_size, window - 1  # b: per replica
         self.graph = tf.Graph()
-        with self.graph.as_default():
+        # A cluster: the whole graph is built in the strategy's scope (every op on this worker).
+        with self.graph.as_default(), distributed.replicated(
+                cluster, timeout_s=collective_timeout_s) as self.replication:
             self.tokens = tf1.placeholder(tf.int32, [b, window], name="tokens")  # [B, T+1]
             # Inputs with noise when --noise > 0 (drawn by the loop); else the clean tokens.
             self.inputs = tf1.placeholder_with_default(self.tokens[:, :-1], [b, t], "inputs")
             if adapters is not None:
                 tf1.set_random_seed(cfg.seed)  # the adapters' initial A depends on --seed alone
-            self.step = TrainStep(
-                hparams, cfg.step_config(), self.tokens, inputs=self.inputs, lora=adapters
-            )
+            rep = self.replication
+
+            def make_step():
+                return TrainStep(hparams, cfg.step_config(), self.tokens, inputs=self.inputs,
+                                 lora=adapters, reduce=rep.mean if rep else None)
+
+            self.step = rep.build(make_step) if rep else make_step()
             self.val_tokens = tf1.placeholder(tf.int32, [None, window], name="val_tokens")
             self.val_loss = lm_loss(
                 hparams, self.val_tokens,
@@ -177,12 +184,23 @@ def _fmt_time(seconds: float) -> str:
 class Trainer:
     """One invocation of training: restore, loop, save; see `train`."""
 
-    def __init__(self, cfg, plan, data, *, steps, samples_dir, run_name):
+    def __init__(self, cfg, plan, data, *, steps, samples_dir, run_name, cluster=None,
+                 collective_timeout_s=60.0):
         self.cfg, self.plan, self.data = cfg, plan, data
         self.steps, self.samples_dir, self.run_name = steps, Path(samples_dir), run_name
         self.g = Graph(cfg, plan.hparams, plan.encoder, window=data.window,
-                       adapters=plan.lora.spec if plan.lora else None)
-        self.session = tf.compat.v1.Session(graph=self.g.graph, config=session_config())
+                       adapters=plan.lora.spec if plan.lora else None, cluster=cluster,
+                       collective_timeout_s=collective_timeout_s)
+        self.replication = self.g.replication  # None: training alone
+        # Data parallel: worker `rank` of `replicas` trains rows [rank*B, (rank+1)*B) of each
+        # global batch; the chief (rank 0) alone writes the run directory and samples.
+        self.replicas = cluster.replicas if cluster else 1
+        self.rank = cluster.task if cluster else 0
+        self.chief = self.rank == 0
+        if self.replication is None:
+            self.session = tf.compat.v1.Session(graph=self.g.graph, config=session_config())
+        else:
+            self.session = self.replication.session(self.g.graph, session_config())
         self.noise_rng = np.random.Generator(np.random.PCG64([cfg.seed, 1]))
         self.avg = [0.0, 0.0]  # gpt-2-simple's running average: (sum, weight)
         self.tokens_seen = 0
@@ -270,6 +288,8 @@ class Trainer:
         replacement of its files until our first checkpoint is saved."""
         plan, run_dir = self.plan, self.plan.run_dir
         self.start_step = int(self.session.run(self.g.step.global_step))
+        if not self.chief:
+            return  # the run directory is the chief's
         replace_files = plan.replace_run and not plan.resume
         old_events = sorted(run_dir.glob("events.out.tfevents.*")) if plan.replace_run else []
         # A kill -9 or a full disk mid-save left these (as large as a checkpoint); no save of
@@ -354,16 +374,20 @@ class Trainer:
         """Feed dicts of the next step's micro-batches (advances the data sampler)."""
         g = self.g
         feeds = []
+        b = self.cfg.batch_size
+        # Every worker draws the same global batch and keeps its rows: the data stream (and the
+        # sampler's saved state) is a single run's at the global batch, whatever the topology.
+        rows = slice(self.rank * b, (self.rank + 1) * b)
         for _ in range(self.cfg.accumulate_gradients):
-            batch = self.data.train.sample_batch(self.cfg.batch_size, self.data.window)
-            feed = {g.tokens: batch}
+            batch = self.data.train.sample_batch(b * self.replicas, self.data.window)
+            feed = {g.tokens: batch[rows]}
             if self.cfg.noise > 0:
                 # nshepperd's --noise: each input token is replaced by a random one with
                 # probability p; the targets stay clean.
                 inputs = batch[:, :-1]
                 mask = self.noise_rng.random(inputs.shape) < self.cfg.noise
                 rand = self.noise_rng.integers(0, self.plan.hparams.n_vocab, inputs.shape)
-                feed[g.inputs] = np.where(mask, rand, inputs).astype(np.int32)
+                feed[g.inputs] = np.where(mask, rand, inputs).astype(np.int32)[rows]
             feeds.append(feed)
         return feeds
 
@@ -419,6 +443,9 @@ class Trainer:
         fileio.write_text(self.samples_dir / self.run_name / f"samples-{step}", text)
 
     def save(self, step: int) -> None:
+        if not self.chief:
+            self.last_saved = step  # the chief saves for the group
+            return
         side = {
             "sampler": self.data.train.state_dict(),
             "noise_rng": self.noise_rng.bit_generator.state,
@@ -444,13 +471,17 @@ class Trainer:
         self.writer.add_summary(tf1.Summary(value=values), step)
 
     def _log(self, record: dict) -> None:
+        if not self.chief:
+            return
         self.metrics.write(record)
         self._summary(record["step"], record)
 
     def loop(self, stop: StopRequest) -> int:
         cfg = self.cfg
         step = self.start_step
-        tokens_per_step = cfg.batch_size * (self.data.window - 1) * cfg.accumulate_gradients
+        # Every replica's tokens (the global batch is replicas x --batch_size).
+        tokens_per_step = (cfg.batch_size * self.replicas * (self.data.window - 1)
+                           * cfg.accumulate_gradients)
         if self.data.val_windows is not None and step == 0 and not self.plan.resume:
             val, ppl = self.validate(), self.val_perplexity()
             _say(f"[0] val_loss={val:.4f} val_perplexity={ppl:.2f}")
@@ -458,7 +489,7 @@ class Trainer:
         started = time.perf_counter()
         step_time = None  # running average of seconds per step, for the time left
         done = 0
-        while stop.signum is None and (self.steps == -1 or done < self.steps):
+        while (self.steps == -1 or done < self.steps) and not self._stopping(stop):
             feeds = self.next_feeds()
             t0 = time.perf_counter()
             out = self.g.step.run(self.session, feeds)
@@ -492,11 +523,17 @@ class Trainer:
                 self.save(step)
             if validate and self._patience_spent(step):
                 break
-            if self.g.sampler is not None and step % cfg.sample_every == 0:
+            if self.g.sampler is not None and self.chief and step % cfg.sample_every == 0:
                 self.sample(step, stop)
         if self.last_saved != step and (step != self.start_step or not self.plan.resume):
             self.save(step)  # (a resumed run stopped before its first step changed nothing)
         return step
+
+    def _stopping(self, stop: StopRequest) -> bool:
+        """A stop asked here, or (data parallel) on any worker: all stop before the same step."""
+        if self.replication is None:
+            return stop.signum is not None
+        return self.replication.agree_stop(self.session, stop.signum is not None)
 
     def _judge(self, step: int, val_loss: float) -> bool:
         """Count a validation towards early stopping; True if --keep_best keeps its checkpoint
@@ -511,6 +548,8 @@ class Trainer:
             return False
         self.best_checkpoint = {"checkpoint": f"{run_state.RUN_PREFIX}-{step}", "step": step,
                                 "val_loss": val_loss}
+        if self.checkpoints is None:  # a worker that is not the chief keeps no checkpoints
+            return True
         self.checkpoints.best = {**self.best_checkpoint,
                                  "checkpoint": self.checkpoints.prefix_of(step)}
         _say(f"New best val_loss {val_loss:.4f} at step {step}")
@@ -578,11 +617,17 @@ def train(
     restore_from: str = "latest",
     steps: int = -1,
     overwrite: bool = False,
+    cluster: str = "auto",
+    collective_timeout_s: float = 60.0,
 ) -> TrainResult:
     """Train; `config` holds TrainConfig fields (None: from the run's stored config, else the
-    default). Returns where the last checkpoint went."""
+    default). Returns where the last checkpoint went. When TF_CONFIG (or `cluster` "slurm")
+    names several workers, this process is one of them (gpt2tf.train.distributed): one such
+    run per process, as its TensorFlow server lives as long as the process."""
     check_invocation(run_name=run_name, restore_from=restore_from, steps=steps,
-                     overwrite=overwrite)
+                     overwrite=overwrite, cluster=cluster,
+                     collective_timeout_s=collective_timeout_s)
+    workers = distributed.resolve(cluster)
     run_name = str(run_name)
     unknown = sorted(set(config) - {s.name for s in TrainConfig.SETTINGS})
     assert not unknown, unknown  # the edges pass only declared settings
@@ -618,13 +663,24 @@ def train(
     data = load_data(cfg, plan, seed=cfg.seed)
     _say(f"dataset has {data.train.total_size} tokens")
 
-    trainer = Trainer(cfg, plan, data, steps=steps, samples_dir=samples_dir, run_name=run_name)
+    trainer = Trainer(cfg, plan, data, steps=steps, samples_dir=samples_dir, run_name=run_name,
+                      cluster=workers, collective_timeout_s=collective_timeout_s)
     try:
         trainer.restore()
         trainer.open_run()
-        _say("Training...")
+        if workers is None:
+            _say("Training...")
+        else:
+            _say(f"Training {workers.name(workers.task)} of {workers.replicas}: global batch"
+                 f" {workers.replicas * cfg.batch_size} ({workers.replicas} x --batch_size"
+                 f" {cfg.batch_size})...")
         with StopRequest() as stop:
             step = trainer.loop(stop)
+    except tf.errors.OpError as e:
+        if trainer.replication is None:
+            raise
+        latest = trainer.checkpoints.kept[-1] if trainer.checkpoints else plan.source_prefix
+        raise trainer.replication.lost_worker(e, latest=str(latest)) from None
     except OSError as e:  # metrics, samples, run files (a failed save says more itself)
         latest = trainer.checkpoints.kept[-1] if trainer.checkpoints else plan.source_prefix
         raise UserError(
@@ -633,6 +689,10 @@ def train(
         ) from None
     finally:
         trainer.close()
+    if not trainer.chief:
+        return TrainResult(run_dir=run_dir, step=step,
+                           checkpoint=str(run_dir / f"{run_state.RUN_PREFIX}-{step}"),
+                           stopped_early=trainer.stopped_early)
     best = trainer.checkpoints.best
     return TrainResult(run_dir=run_dir, step=step, checkpoint=str(trainer.checkpoints.kept[-1]),
                        best_checkpoint=best["checkpoint"] if best else None,

@@ -133,27 +133,34 @@ class Adafactor:
 
 
 class _TFOptimizer:
-    """tf.compat.v1's Adam or SGD behind the same two attributes as Adafactor."""
+    """tf.compat.v1's Adam or SGD behind the same two attributes as Adafactor.
 
-    def __init__(self, opt):
+    replicated: the gradients are already the replicas' mean (gpt2tf.train.distributed);
+    without skipping its own aggregation TF1's optimizer would sum them across replicas."""
+
+    def __init__(self, opt, *, replicated: bool = False):
         self._opt = opt
+        self._replicated = replicated
         self.variables: list = []
 
     def apply_gradients(self, grads_and_vars, global_step) -> tf.Operation:
         before = {id(v) for v in tf1.global_variables()}
-        op = self._opt.apply_gradients(grads_and_vars, global_step=global_step)
+        op = self._opt.apply_gradients(grads_and_vars, global_step=global_step,
+                                       skip_gradients_aggregation=self._replicated)
         self.variables = [v for v in tf1.global_variables() if id(v) not in before]
         return op
 
 
-def make_optimizer(name: str, learning_rate: tf.Tensor):
+def make_optimizer(name: str, learning_rate: tf.Tensor, *, replicated: bool = False):
     """An object with apply_gradients(grads_and_vars, global_step) -> op, and `variables`
-    (its state, filled in by apply_gradients) for the checkpoint."""
+    (its state, filled in by apply_gradients) for the checkpoint. replicated: the gradients
+    given are already averaged across replicas (Adafactor never aggregates)."""
     check_optimizer(name)
     if name == "adam":
         return _TFOptimizer(tf1.train.AdamOptimizer(
             learning_rate, beta1=ADAM_BETA1, beta2=ADAM_BETA2, epsilon=ADAM_EPSILON
-        ))
+        ), replicated=replicated)
     if name == "sgd":
-        return _TFOptimizer(tf1.train.GradientDescentOptimizer(learning_rate))
+        return _TFOptimizer(tf1.train.GradientDescentOptimizer(learning_rate),
+                            replicated=replicated)
     return Adafactor(learning_rate)

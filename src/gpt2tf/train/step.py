@@ -13,6 +13,9 @@ input later), so the same step can be built per replica.
 - `memory_saving_gradients` recomputes each block's activations in the backward pass.
 - `lora` (gpt2tf.model.Lora) trains adapters alone: the gradients, the accumulators and the
   optimizer's state are the adapters' only, and OpenAI's weights stay as restored.
+- `reduce` (default: none) maps [loss, *gradients] to their means over the replicas of a
+  data-parallel run (gpt2tf.train.distributed), once per optimizer step and before clipping;
+  the optimizer then applies them as they are (skip_gradients_aggregation).
 - No random ops: input noise (nshepperd's --noise) comes in through `inputs`, drawn by the loop
   from a seeded generator, so a step is a pure function of its feeds and the variables.
 """
@@ -92,12 +95,14 @@ class TrainStep:
         *,
         inputs: tf.Tensor | None = None,
         lora: model.Lora | None = None,
+        reduce=None,
     ):
         optim.check_optimizer(cfg.optimizer)
         precision = check_precision(cfg.precision)
         self.cfg = cfg
         self.accumulate = int(cfg.accumulate_gradients)
         assert self.accumulate >= 1
+        self.reduce = reduce
 
         self.global_step = tf1.train.get_or_create_global_step()
         self.loss = lm_loss(
@@ -120,12 +125,13 @@ class TrainStep:
             schedule=cfg.lr_schedule, decay_steps=cfg.lr_decay_steps,
             min_ratio=float(cfg.min_lr_ratio),
         )
-        self.optimizer = optim.make_optimizer(cfg.optimizer, self.learning_rate)
+        self.optimizer = optim.make_optimizer(cfg.optimizer, self.learning_rate,
+                                              replicated=reduce is not None)
 
         self.micro_op = None
         self.accumulators: list = []
         if self.accumulate == 1:
-            self.step_loss = self.loss
+            self.step_loss, grads = self._reduce(self.loss, grads)
             grads, self.grad_norm = self._clip(grads)
             self.train_op = self.optimizer.apply_gradients(
                 list(zip(grads, self.train_variables)), self.global_step
@@ -133,6 +139,12 @@ class TrainStep:
         else:
             self._build_accumulation(grads)
         self.optimizer_variables = list(self.optimizer.variables)
+
+    def _reduce(self, loss, grads: list):
+        if self.reduce is None:
+            return loss, grads
+        loss, *grads = self.reduce([loss, *grads])
+        return loss, grads
 
     def _clip(self, grads: list):
         if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
@@ -161,8 +173,8 @@ class TrainStep:
             + [loss_acc.assign_add(self.loss * scale)],
             name="accumulate",
         )
-        mean_grads = [a.read_value() for a in accs]
-        self.step_loss = loss_acc.read_value()
+        self.step_loss, mean_grads = self._reduce(loss_acc.read_value(),
+                                                  [a.read_value() for a in accs])
         mean_grads, self.grad_norm = self._clip(mean_grads)
         apply = self.optimizer.apply_gradients(
             list(zip(mean_grads, self.train_variables)), self.global_step
