@@ -102,17 +102,22 @@ def test_two_workers_equal_one_process_at_the_global_batch_and_resume_on_one(
         assert resumed[step] == pytest.approx(alone[step], abs=1e-6)
 
 
-def test_two_workers_with_accumulation(tmp_path, models_dir, data, capsys):
-    kids = _workers(_args(tmp_path, models_dir, data, "dist", batch_size=1, steps=2,
+def test_one_process_resumes_on_two_workers_with_accumulation(tmp_path, models_dir, data,
+                                                              capsys):
+    """A run started alone at batch 2 continues on 2 workers x batch 1 (2 micro-batches a
+    step) as an uninterrupted run does."""
+    ck = tmp_path / "checkpoint"
+    for run, steps in (("dist", 1), ("alone", 2)):
+        code, _, err = train(_args(tmp_path, models_dir, data, run, batch_size=2, steps=steps,
+                                   accumulate_gradients=2), capsys)
+        assert code == 0, err
+    kids = _workers(_args(tmp_path, models_dir, data, "dist", batch_size=1, steps=1,
                           accumulate_gradients=2))
-    code, _, err = train(_args(tmp_path, models_dir, data, "alone", batch_size=2, steps=2,
-                               accumulate_gradients=2), capsys)
-    assert code == 0, err
     results = [k.finish(timeout=180) for k in kids]
     assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
-    ck = tmp_path / "checkpoint"
     _assert_same_weights(ck / "dist" / "model-2", ck / "alone" / "model-2")
     alone, dist = losses(ck / "alone"), losses(ck / "dist")
+    assert sorted(dist) == [1, 2]
     for step in (1, 2):
         assert dist[step] == pytest.approx(alone[step], abs=1e-6)
 
@@ -142,7 +147,8 @@ def test_a_killed_worker_ends_the_other_with_an_error_naming_it(tmp_path, models
 def test_sigterm_on_one_worker_stops_the_group_and_the_chief_saves_once(
         tmp_path, models_dir, data):
     chief, worker = _workers(_args(tmp_path, models_dir, data, "dist", batch_size=1,
-                                   steps=-1, save_every=0))
+                                   steps=-1, save_every=0, sample_every=2, sample_num=1,
+                                   sample_length=4))
     worker.wait_for("[3 |")
     os.kill(worker.proc.pid, signal.SIGTERM)
     (c_code, _, c_err), (w_code, _, w_err) = chief.finish(), worker.finish()
@@ -153,6 +159,10 @@ def test_sigterm_on_one_worker_stops_the_group_and_the_chief_saves_once(
     run = tmp_path / "checkpoint" / "dist"
     last = max(losses(run))
     assert latest_name(run) == f"model-{last}"  # the step the group stopped after
+    # The chief samples (the sampler's cache is its own, not mirrored); the worker does not.
+    assert (tmp_path / "samples" / "dist" / "samples-2").is_file()
+    assert sum("SAMPLE 1" in x for x in chief.lines) >= 1
+    assert not any("SAMPLE 1" in x for x in worker.lines)
 
 
 def test_tf_config_parsing():

@@ -120,6 +120,21 @@ class Replication:
         with self.strategy.scope():
             yield
 
+    @contextmanager
+    def local_variables(self):
+        """Variables created here stay this worker's own, not mirrored (no broadcast at init):
+        the sampler's key/value cache takes scatter writes, which mirrored variables refuse."""
+        # SingleDevice is how the strategy itself places a variable outside the mirror.
+        from tensorflow.python.distribute.numpy_dataset import SingleDevice
+
+        device = SingleDevice(self.strategy.extended.worker_devices[0])
+
+        def creator(next_creator, **kwargs):
+            return next_creator(**{**kwargs, "colocate_with": device})
+
+        with self._tf.variable_creator_scope(creator):
+            yield
+
     def build(self, fn):
         """fn() run as this worker's replica (its variables become mirrored); returns its
         result. Also builds the stop agreement."""

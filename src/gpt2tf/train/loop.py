@@ -22,6 +22,7 @@ both. With --keep_best, a validation that lowers it saves a checkpoint at once, 
 saving first, at the N-th validation in a row without a new lowest val_loss.
 """
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -99,8 +100,9 @@ class Graph:
             self.score_logprobs = tf.gather(logp, self.score_tokens[:, 1:], batch_dims=2)
             self.sampler = None  # the decode engine over the weights being trained
             if cfg.sample_every and cfg.sample_num:
-                self.sampler = DecodeEngine(GraphBackend(hparams, lora=adapters), hparams,
-                                            encoder)
+                with rep.local_variables() if rep else contextlib.nullcontext():
+                    self.sampler = DecodeEngine(GraphBackend(hparams, lora=adapters), hparams,
+                                                encoder)
             step_var = self.step.global_step
             self.model_saver = tf1.train.Saver(self.step.model_variables)
             lora_vars = self.step.lora_variables
