@@ -44,9 +44,11 @@ demo: install
 	PYTHONPATH=src $(PYTHON) train.py --dataset data/demo.npz --model_name $(MODEL) --run_name $(DEMO_RUN) --steps $(DEMO_STEPS) --sample_every 0 --save_every $(DEMO_STEPS) --restore_from latest
 	$(PYTHON) generate_unconditional.py --run_name $(DEMO_RUN) --nsamples 3 --length 100 --top_k 40 --seed 1
 
+# Two pytest workers, one test file each at a time (a file's fixtures, servers included, stay in
+# one process): half the wall time on 2 cores, since many tests wait on a subprocess starting.
 test: install-test
 	GPT2TF_REQUIRE_SHARED=1 GPT2TF_REQUIRE_REFERENCE=1 GPT2TF_REQUIRE_BROWSER=1 \
-		$(PYTHON) -m pytest -q -p no:cacheprovider
+		$(PYTHON) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 bench:
 	$(PYTHON) benchmarks/bench_generate.py
