@@ -302,3 +302,23 @@ def test_a_changed_base_is_refused(tmp_path):
                                 vocab)
     with pytest.raises(UserError, match="has changed"):
         Generator(tmp_path / "checkpoint" / "r")
+
+
+def test_the_server_serves_a_lora_run(lora_run, merged):
+    """POST /v1/completions on a server over the LoRA run gives the merged model's text."""
+    import requests
+
+    from gpt2tf.decode.generator import Generator
+    from gpt2tf.serve import app as serve_app
+    from gpt2tf.serve import server as serve_server
+
+    body = {"prompt": TOKENS[0], "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+    texts = []
+    for model in (lora_run, merged):
+        with Generator(model) as gen:
+            service = serve_app.Service(gen, model_id="m")
+            with serve_server.serve_in_thread(service.app()) as url:
+                r = requests.post(f"{url}/v1/completions", json=body, timeout=60)
+                assert r.status_code == 200, r.text
+                texts.append(r.json()["choices"][0]["text"])
+    assert texts[0] == texts[1] and texts[0]
