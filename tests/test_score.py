@@ -106,7 +106,7 @@ def test_cli_prints_one_json_line(model_dir, hf_model, tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--stride", "0"], "--stride must be an integer >= 1, got 0"),
     (["--stride", "65"], "--stride must be 1..n_ctx=64, got 65"),
-    (["--precision", "int8"], "--precision must be one of fp32, bf16"),
+    (["--precision", "fp16"], "--precision must be one of fp32, bf16, int8"),
 ])
 def test_cli_bad_values(model_dir, tmp_path, args, needle):
     data = tmp_path / "t.txt"
@@ -134,3 +134,19 @@ def test_prompt_logprobs_equal_log_softmax_of_transformers(model_dir, hf_model):
     order = np.argsort(-logp[:-1], axis=-1, kind="stable")[:, :5]
     assert (top_ids == order).mean() > 0.99  # near-ties may swap between two frameworks
     np.testing.assert_allclose(top_lp, np.take_along_axis(logp[:-1], top_ids, -1), atol=1e-4)
+
+
+def test_int8_scores_on_the_fast_path_close_to_fp32(model_dir):
+    """int8 weights live only in the fast path's model: scored there, a step per position; the
+    same stepping in fp32 equals the TF graph's scores."""
+    ids = encoder.Encoder.from_bytes(*encoder.byte_level_vocab(), source="v").encode(TEXT[:150])
+    run = dict(n_ctx=TINY.n_ctx, stride=32, batch_size=2, n_bytes=1)
+    with Generator(model_dir, engine="graph", threads=1) as gen:
+        graph = score.evaluate(gen.target_logprobs, [np.array(ids)], **run)
+    with Generator(model_dir, threads=1) as fast32:
+        stepped = score.evaluate(fast32._stepped_logprobs, [np.array(ids)], **run)
+    with Generator(model_dir, precision="int8", threads=1) as gen8:
+        assert gen8.engine_name == "fast"
+        int8 = score.evaluate(gen8.target_logprobs, [np.array(ids)], **run)
+    assert stepped["loss"] == pytest.approx(graph["loss"], rel=1e-5)
+    assert int8["loss"] != graph["loss"] and int8["loss"] == pytest.approx(graph["loss"], rel=0.05)

@@ -267,8 +267,9 @@ EVAL = (
     S("stride", int, None, "a window of n_ctx tokens starts every stride tokens, scoring the"
       " ones no earlier window scored; none: n_ctx // 2", low=1, optional=True),
     S("batch_size", int, 1, "windows scored together", low=1),
-    S("precision", str, "fp32", "weights the TF graph scores with: fp32 (exact) or bf16",
-      choices=("fp32", "bf16")),
+    S("precision", str, "fp32", "weights to score with: fp32 (exact) or bf16 in the TF graph,"
+      " or int8 on the fast path (a decode step per token: slower)",
+      choices=("fp32", "bf16", "int8")),
     ENCODING, COLUMN, FIELD,
 )
 

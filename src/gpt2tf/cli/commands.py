@@ -128,7 +128,8 @@ def evaluate(*, model_dir, dataset, stride, batch_size, precision, encoding, col
 
     chunks = load_tokens(dataset, encoder=source.encoder, encoding=encoding, column=column,
                          field=field)
-    with Generator(source, precision=precision, engine="graph") as gen:
+    engine = "auto" if precision == "int8" else "graph"  # int8 weights: only the fast path
+    with Generator(source, precision=precision, engine=engine) as gen:
         result = score.evaluate(
             gen.target_logprobs, chunks, n_ctx=n_ctx, stride=stride, batch_size=batch_size,
             n_bytes=score.scored_bytes(source.encoder, chunks, n_ctx, stride))

@@ -147,10 +147,28 @@ class Generator:
         return g.session.run(g.logits, {g.tokens: np.asarray(tokens)})
 
     def target_logprobs(self, tokens: Sequence[Sequence[int]]) -> np.ndarray:
-        """Each token's log-probability given the ones before it, in the TF graph (at the
-        Generator's precision; int8 scores in fp32): [B, T] ids -> [B, T-1]."""
+        """Each token's log-probability given the ones before it: [B, T] ids -> [B, T-1].
+
+        At the Generator's precision: fp32 and bf16 in the TF graph (one batched forward
+        pass); int8 on the fast path, whose weights only it has, one decode step per position
+        with the text's own tokens fed in (slower, and exactly what generation computes)."""
+        ids = np.asarray(tokens)
+        if self.precision == "int8" and self.engine_name == "fast":
+            return self._stepped_logprobs(ids)
         g = self._graph_parts()
-        return g.session.run(g.targets, {g.tokens: np.asarray(tokens)})
+        return g.session.run(g.targets, {g.tokens: ids})
+
+    def _stepped_logprobs(self, ids: np.ndarray) -> np.ndarray:
+        lite = self.engine.backend.lite
+        lite.start(len(ids))
+        out = np.zeros([ids.shape[0], ids.shape[1] - 1])  # [B, T-1]
+        for t in range(ids.shape[1] - 1):
+            x = np.asarray(lite.step(ids[:, t].astype(np.int32), np.full(len(ids), t, np.int32)),
+                           np.float64)  # [B, V]
+            x -= x.max(axis=-1, keepdims=True)
+            logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+            out[:, t] = logp[np.arange(len(ids)), ids[:, t + 1]]
+        return out
 
     def prompt_logprobs(self, tokens: Sequence[int], top: int = 0):
         """One text's scores: each token after the first, its log-probability given the ones
