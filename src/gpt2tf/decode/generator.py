@@ -12,6 +12,7 @@ from gpt2tf import checkpoints, lora, model, paths, settings
 from gpt2tf.decode import fast
 from gpt2tf.decode.engine import DecodeEngine, SamplingParams
 from gpt2tf.decode.graph import GraphBackend
+from gpt2tf.decode.pick import log_softmax
 from gpt2tf.decode.text import TextStream
 from gpt2tf.errors import FieldError
 from gpt2tf.source import ModelSource
@@ -163,10 +164,8 @@ class Generator:
         lite.start(len(ids))
         out = np.zeros([ids.shape[0], ids.shape[1] - 1])  # [B, T-1]
         for t in range(ids.shape[1] - 1):
-            x = np.asarray(lite.step(ids[:, t].astype(np.int32), np.full(len(ids), t, np.int32)),
-                           np.float64)  # [B, V]
-            x -= x.max(axis=-1, keepdims=True)
-            logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+            logits = lite.step(ids[:, t].astype(np.int32), np.full(len(ids), t, np.int32))
+            logp = log_softmax(np.asarray(logits, np.float64))  # [B, V]
             out[:, t] = logp[np.arange(len(ids)), ids[:, t + 1]]
         return out
 

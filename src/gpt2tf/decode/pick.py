@@ -116,6 +116,12 @@ def _pick_row(logits: np.ndarray, p, u: float) -> int:
     return int(best[_inverse_cdf(probs, u)])
 
 
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """log-probabilities over the last axis (shifted by the max, so large logits are safe)."""
+    z = x - x.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
     return e / e.sum()

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from gpt2tf.decode.pick import RowState, pick
+from gpt2tf.decode.pick import RowState, log_softmax, pick
 from gpt2tf.decode.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,7 @@ class _Row:
 def token_scores(logits: np.ndarray, token: int, top: int) -> tuple:
     """(token, its log-probability, the `top` most likely tokens and theirs) under the model's
     own distribution: the logits before steering, temperature and filtering, as OpenAI's."""
-    x = np.asarray(logits, np.float64)
-    logp = x - x.max()
-    logp -= np.log(np.exp(logp).sum())
+    logp = log_softmax(np.asarray(logits, np.float64))
     best = np.argpartition(-logp, top)[:top] if 0 < top < logp.size else np.arange(0)
     best = best[np.lexsort((best, -logp[best]))]
     return token, float(logp[token]), [(int(t), float(logp[t])) for t in best]
@@ -399,8 +397,6 @@ class ContinuousBatcher(Batcher):
     def _sample(self) -> None:
         """Pick every running row's next token; deliver text; retire finished rows."""
         events, kept = [], []
-        ready = [s for s in self.slots if s.logits is not None]
-        uniform = dict(zip(map(id, ready), (s.row.rng.random() for s in ready)))
         for slot in self.slots:
             row = slot.row
             if row.cancelled:
@@ -409,9 +405,8 @@ class ContinuousBatcher(Batcher):
             if slot.logits is None:  # still being prefilled: nothing to sample yet
                 kept.append(slot)
                 continue
-            u = np.float32(uniform[id(slot)])
-            try:
-                token = row.pick(slot.logits, u)
+            try:  # each row draws from its own stream: the order of the rows does not matter
+                token = row.pick(slot.logits, np.float32(row.rng.random()))
                 piece, finish = row.add(token, slot.logits)
             except Exception:  # this row's settings broke the sampler: it fails alone
                 events.append(_failed(row))
