@@ -16,8 +16,7 @@ from shared_data import reference
 torch = reference("torch")
 transformers = reference("transformers")
 
-from gpt2tf import checkpoints, convert, encoder  # noqa: E402
-from tiny import TINY, random_weights  # noqa: E402
+from tiny import TINY, hf_twin, random_model_dir  # noqa: E402
 from gpt2tf.decode.engine import SamplingParams
 from gpt2tf.decode.generator import Generator  # noqa: E402
 
@@ -27,17 +26,12 @@ GREEDY = SamplingParams(top_k=1)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    return checkpoints.write_model_dir(
-        path, TINY, random_weights(TINY, seed=1), encoder.byte_level_vocab()
-    )
+    return random_model_dir(tmp_path_factory.mktemp("tiny") / "model", seed=1)
 
 
 @pytest.fixture(scope="module")
 def hf_model(model_dir, tmp_path_factory):
-    out = convert.to_hf(model_dir, tmp_path_factory.mktemp("hf") / "out")
-    m = transformers.GPT2LMHeadModel.from_pretrained(out)
-    return m.eval()
+    return hf_twin(model_dir, tmp_path_factory.mktemp("hf") / "out")
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from shared_data import reference
 
-from gpt2tf import checkpoints, convert, encoder, score
+from gpt2tf import encoder, score
 from gpt2tf.decode.generator import Generator
 from gpt2tf.errors import FieldError
-from tiny import REPO, TINY, random_weights
+from tiny import REPO, TINY, hf_twin, random_model_dir
 
 torch = reference("torch")
 transformers = reference("transformers")
@@ -24,15 +24,12 @@ TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the m
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("score") / "model"
-    return checkpoints.write_model_dir(path, TINY, random_weights(TINY, seed=5),
-                                       encoder.byte_level_vocab())
+    return random_model_dir(tmp_path_factory.mktemp("score") / "model", seed=5)
 
 
 @pytest.fixture(scope="module")
 def hf_model(model_dir, tmp_path_factory):
-    out = convert.to_hf(model_dir, tmp_path_factory.mktemp("hf") / "out")
-    return transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    return hf_twin(model_dir, tmp_path_factory.mktemp("hf") / "out")
 
 
 def hf_sliding_window(hf_model, ids, max_length, stride):

@@ -38,3 +38,20 @@ def random_weights(hparams: HParams, seed: int) -> dict[str, np.ndarray]:
         else:
             out[name] = 0.2 * noise
     return out
+
+
+def random_model_dir(path: Path, seed: int) -> Path:
+    """A TINY model at `path` with random_weights(seed) and the byte-level vocabulary."""
+    from gpt2tf import checkpoints, encoder
+
+    return checkpoints.write_model_dir(path, TINY, random_weights(TINY, seed=seed),
+                                       encoder.byte_level_vocab())
+
+
+def hf_twin(model_dir: Path, out: Path):
+    """The model converted to HuggingFace and loaded in transformers' GPT2LMHeadModel."""
+    from gpt2tf import convert
+    from shared_data import reference
+
+    transformers = reference("transformers")
+    return transformers.GPT2LMHeadModel.from_pretrained(convert.to_hf(model_dir, out)).eval()

@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 from shared_data import reference
 
-from gpt2tf import checkpoints, convert, encoder
 from gpt2tf.decode import pick as picking
 from gpt2tf.decode.engine import SamplingParams
 from gpt2tf.decode.generator import Generator, generate_texts
 from gpt2tf.errors import FieldError
-from tiny import REPO, TINY, random_weights
+from tiny import REPO, hf_twin, random_model_dir
 
 torch = reference("torch")
 transformers = reference("transformers")
@@ -32,15 +31,12 @@ LENGTH = 24
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("steer") / "model"
-    return checkpoints.write_model_dir(path, TINY, random_weights(TINY, seed=4),
-                                       encoder.byte_level_vocab())
+    return random_model_dir(tmp_path_factory.mktemp("steer") / "model", seed=4)
 
 
 @pytest.fixture(scope="module")
 def hf_model(model_dir, tmp_path_factory):
-    out = convert.to_hf(model_dir, tmp_path_factory.mktemp("hf") / "out")
-    return transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    return hf_twin(model_dir, tmp_path_factory.mktemp("hf") / "out")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,13 @@ import pytest
 import requests
 from shared_data import reference
 
-from gpt2tf import checkpoints, convert, encoder
+from gpt2tf import encoder
 from gpt2tf.decode.engine import SamplingParams
 from gpt2tf.decode.generator import Generator
 from gpt2tf.serve import app as serve_app
 from gpt2tf.serve import schema as serve_schema
 from gpt2tf.serve import server as serve_server
-from tiny import TINY, random_weights
+from tiny import hf_twin, random_model_dir
 
 torch = reference("torch")
 transformers = reference("transformers")
@@ -31,15 +31,12 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("api") / "tiny"
-    return checkpoints.write_model_dir(path, TINY, random_weights(TINY, seed=6),
-                                       encoder.byte_level_vocab())
+    return random_model_dir(tmp_path_factory.mktemp("api") / "tiny", seed=6)
 
 
 @pytest.fixture(scope="module")
 def hf_model(model_dir, tmp_path_factory):
-    out = convert.to_hf(model_dir, tmp_path_factory.mktemp("hf") / "out")
-    return transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    return hf_twin(model_dir, tmp_path_factory.mktemp("hf") / "out")
 
 
 @pytest.fixture(scope="module", params=["auto", "graph"], ids=["fast", "graph"])
