@@ -5,6 +5,7 @@ same layout plus the training state, so both load with the same code, ours or gp
 """
 
 import os
+import re
 from pathlib import Path
 
 from gpt2tf.errors import UserError
@@ -26,12 +27,22 @@ MODEL_FILES = (
 VOCAB_FILES = (ENCODER, VOCAB)
 
 DECODE_CACHE = ".gpt2tf-decode"  # converted decode models, beside the checkpoint they come from
-CACHE_ENV = "GPT2TF_CACHE_DIR"  # where they go when the model folder is read-only
+CACHE_ENV = "GPT2TF_CACHE_DIR"  # where they go when the model folder is read-only, and the
+# local copies of remote storage (gpt2tf.remote) go
 TRAIN_CONFIG = "train_config.json"
 LORA = "lora.json"  # a LoRA run: its adapters' shape and the base they apply to
 METRICS = "metrics.jsonl"
 BEST = "best.json"  # a run's checkpoint of the lowest validation loss (--keep_best)
 SAMPLER_STATE = "sampler_state.json"
+RUN_PREFIX = "model"  # gpt-2-simple's and nshepperd's run checkpoints: model-<step>
+STATE_SUFFIX = ".state.json"  # our side file beside each checkpoint: model-<step>.state.json
+COUNTER = "counter"  # gpt-2-simple's file holding the step of the latest checkpoint
+REPLACED = "model-replaced"  # --overwrite: an earlier run's checkpoint whose name we reuse
+# A file of one checkpoint in a model or run folder; group 1 is the checkpoint's name (prefix).
+CHECKPOINT_FILE = re.compile(
+    r"^(model(?:-replaced)?(?:-\d+)?|model\.ckpt(?:-\d+)?)"
+    r"(\.index|\.meta|\.data-\d{5}-of-\d{5}|" + re.escape(STATE_SUFFIX) + r")$"
+)
 
 DEFAULT_MODELS_DIR = "models"
 DEFAULT_CHECKPOINT_DIR = "checkpoint"
@@ -45,6 +56,12 @@ BASE_URL_ENV = "GPT2_BASE_URL"
 
 MODEL_NAMES = ("124M", "355M", "774M", "1558M")
 MODEL_ALIASES = {"117M": "124M", "345M": "355M"}  # OpenAI renamed the first two sizes in 2019
+
+
+def cache_root() -> Path:
+    """$GPT2TF_CACHE_DIR, else $XDG_CACHE_HOME/gpt2tf, else ~/.cache/gpt2tf."""
+    return Path(os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2tf"))
 
 
 def canonical_model_name(name: str) -> str:

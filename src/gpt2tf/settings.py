@@ -13,6 +13,7 @@ Nothing here imports TensorFlow: flags are checked before anything heavy loads.
 """
 
 import codecs
+import dataclasses
 import functools
 import inspect
 import math
@@ -33,7 +34,8 @@ class Setting:
     """One setting. `low`/`high` bound numbers (inclusive unless `*_open`); `choices` bounds
     strings; `optional` allows None (its help says what None means); `text` marks free text in
     which the command line understands the escapes users type (`\\n`, `\\t`); `local_path`
-    refuses URLs (remote storage is not supported)."""
+    refuses URLs (the settings without it that name folders or data take the URLs that
+    gpt2tf.remote stages)."""
 
     name: str
     type: type
@@ -179,12 +181,12 @@ S = Setting
 # Where the model comes from: a released model (models/<model_name>) or a run (checkpoint/<run>).
 MODEL_NAME = S("model_name", str, paths.DEFAULT_MODEL_NAME,
                "model folder under --models_dir: 124M, 355M, 774M, 1558M or one of your own")
-MODELS_DIR = S("models_dir", str, paths.DEFAULT_MODELS_DIR, "folder that holds the models",
-               local_path=True)
+MODELS_DIR = S("models_dir", str, paths.DEFAULT_MODELS_DIR, "folder that holds the models"
+               " (or a URL: gs://, s3://, hdfs://)")
 RUN_NAME = S("run_name", str, "", "a fine-tuned run under --checkpoint_dir; used instead of"
              " --model_name when given")
 CHECKPOINT_DIR = S("checkpoint_dir", str, paths.DEFAULT_CHECKPOINT_DIR,
-                   "folder that holds fine-tuning runs", local_path=True)
+                   "folder that holds fine-tuning runs (or a URL: gs://, s3://, hdfs://)")
 MODEL_SOURCE = (MODEL_NAME, MODELS_DIR, RUN_NAME, CHECKPOINT_DIR)
 CHECKPOINT = S("checkpoint", str, "latest", "latest, best (the lowest val_loss of a run trained"
                " with --keep_best) or the name of a checkpoint in the folder (model-120)")
@@ -279,7 +281,9 @@ DOWNLOAD_MODEL_NAME = S("model_name", str, paths.DEFAULT_MODEL_NAME,
 BASE_URL = S("base_url", str, "", "a mirror of OpenAI's storage (everything before /models/);"
              f" also ${paths.BASE_URL_ENV}")
 PROGRESS = S("progress", bool, True, "show a progress bar on a terminal")
-DOWNLOAD = (DOWNLOAD_MODEL_NAME, MODELS_DIR, BASE_URL, PROGRESS)
+# Downloads go to a local folder (copy it to remote storage after).
+DOWNLOAD = (DOWNLOAD_MODEL_NAME, dataclasses.replace(MODELS_DIR, local_path=True), BASE_URL,
+            PROGRESS)
 
 # A new random model.
 INIT = (
@@ -303,8 +307,8 @@ SAMPLE_MODES = ("windows", "documents")
 CLUSTERS = ("auto", "slurm", "none")  # see gpt2tf.train.distributed
 TRAIN = (
     S("dataset", str, None, "text file, folder, glob, .csv, .jsonl or .npz to train on"
-      " (required unless resuming a run that has one)", optional=True, metavar="PATH",
-      local_path=True),
+      " (required unless resuming a run that has one; a URL is staged)", optional=True,
+      metavar="PATH"),
     MODEL_NAME,
     MODELS_DIR,
     COMBINE,
@@ -350,7 +354,7 @@ TRAIN = (
     S("print_every", int, 1, "log the loss every N steps", low=1),
     S("max_checkpoints", int, 1, "checkpoints kept; 0 keeps all", low=0),
     S("val_dataset", str, None, "held-out text or .npz for validation", optional=True,
-      metavar="PATH", local_path=True),
+      metavar="PATH"),
     S("val_fraction", float, 0.0, "hold out this fraction of the dataset for validation",
       low=0, high=1, high_open=True),
     S("val_batch_size", int, 2, "windows per validation batch", low=1),

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from gpt2tf import paths
+from gpt2tf import paths, remote
 from gpt2tf.errors import UserError
 from gpt2tf.quiet import import_tensorflow
 from gpt2tf.hparams import HParams
@@ -42,11 +42,15 @@ class ModelSource:
         checkpoint_dir: str | os.PathLike = paths.DEFAULT_CHECKPOINT_DIR,
     ) -> "ModelSource":
         """The run <checkpoint_dir>/<run_name> when a run name is given, else the model
-        <models_dir>/<model_name>."""
+        <models_dir>/<model_name>. At a URL, a local copy of it (gpt2tf.remote)."""
         if run_name not in (None, ""):
             name = paths.check_run_name(str(run_name))
+            if remote.is_url(checkpoint_dir):
+                return cls(remote.view_run(checkpoint_dir, name), name=name, is_run=True)
             return cls(paths.run_path(checkpoint_dir, name), name=name, is_run=True)
         name = str(model_name)
+        if remote.is_url(models_dir):
+            models_dir = remote.stage_models(models_dir, name)
         return cls(paths.model_path(models_dir, name), name=name)
 
     @classmethod

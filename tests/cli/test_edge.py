@@ -129,9 +129,10 @@ def test_bad_value_is_one_line_exit_1(tmp_path):
 
 
 def test_url_paths_are_refused(tmp_path):
+    # (--checkpoint_dir, --dataset and --models_dir take URLs: tests/train/test_remote.py)
     proc, _ = _run([sys.executable, str(REPO / "train.py"), "--dataset", "x.txt",
-                    "--checkpoint_dir", "gs://bucket/x"], tmp_path)
-    assert proc.returncode == 1 and "--checkpoint_dir is a URL" in proc.stderr
+                    "--samples_dir", "gs://bucket/x"], tmp_path)
+    assert proc.returncode == 1 and "--samples_dir is a URL" in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no local folder named gs:
 
 

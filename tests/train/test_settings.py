@@ -23,7 +23,6 @@ def test_train_config_fields_are_the_declared_settings():
     ("memory_saving_gradients", "yes", "is a switch"),
     ("top_p", 2, "must be in [0, 1], got 2.0"),
     ("val_fraction", 1, "must be in [0, 1), got 1.0"),
-    ("models_dir", "s3://bucket/models", "is a URL"),
 ])
 def test_bad_values_name_their_field(field, value, problem):
     with pytest.raises(FieldError) as e:

@@ -49,10 +49,8 @@ def cache_key(prefix: str, hparams: HParams, precision: str) -> str:
 
 
 def user_cache_dir(source: ModelSource) -> Path:
-    root = os.environ.get(paths.CACHE_ENV) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2tf")
     where = hashlib.sha256(str(source.path.resolve()).encode()).hexdigest()[:16]
-    return Path(root) / f"{source.path.name}-{where}"
+    return paths.cache_root() / f"{source.path.name}-{where}"
 
 
 def prepared_model(source: ModelSource, prefix: str, precision: str, *,

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from gpt2tf import checkpoints, fileio, lora, model, paths, score
+from gpt2tf import checkpoints, fileio, lora, model, paths, remote, score
 from gpt2tf.decode.engine import DecodeEngine, SamplingParams
 from gpt2tf.decode.graph import GraphBackend
 from gpt2tf.decode.generator import session_config
@@ -639,7 +639,11 @@ def train(
     if config.get("combine") is not None:
         log.warning("--combine has no effect: text is always encoded as one stream with"
                     " <|endoftext|> between documents, and windows cross document boundaries")
-    run_dir = paths.run_path(checkpoint_dir, run_name)
+    remote.check_urls(checkpoint_dir=checkpoint_dir, **{
+        k: config.get(k) for k in ("models_dir", *remote.DATA_SETTINGS)})
+    # A URL: the run trains in a local working copy of it, uploaded after each save.
+    run_dir, mirror = remote.run_folder(checkpoint_dir, run_name,
+                                        worker=workers.task if workers else 0)
     model_name = config.get("model_name") or paths.DEFAULT_MODEL_NAME
     models_dir = config.get("models_dir") or paths.DEFAULT_MODELS_DIR
     plan = plan_run(run_dir=run_dir, restore_from=restore_from, overwrite=overwrite,
@@ -662,7 +666,7 @@ def train(
             raise FieldError("lr_decay_steps", "is needed by --lr_schedule cosine (or give a"
                              " --steps count)")
         cfg = dataclasses.replace(cfg, lr_decay_steps=steps)
-    data = load_data(cfg, plan, seed=cfg.seed)
+    data = load_data(remote.stage_data(cfg), plan, seed=cfg.seed)  # (train_config: the URLs)
     _say(f"dataset has {data.train.total_size} tokens")
 
     trainer = Trainer(cfg, plan, data, steps=steps, samples_dir=samples_dir, run_name=run_name,
@@ -670,6 +674,8 @@ def train(
     try:
         trainer.restore()
         trainer.open_run()
+        if mirror is not None and trainer.checkpoints is not None:  # the chief uploads
+            mirror.attach(trainer.checkpoints)
         if workers is None:
             _say("Training...")
         else:

@@ -34,14 +34,11 @@ from gpt2tf.errors import UserError
 
 log = logging.getLogger(__name__)
 
-RUN_PREFIX = "model"  # gpt-2-simple's and nshepperd's run checkpoints: model-<step>
-STATE_SUFFIX = ".state.json"  # our side file beside each checkpoint: model-<step>.state.json
-COUNTER = "counter"  # gpt-2-simple's file holding the step of the latest checkpoint
-REPLACED = "model-replaced"  # --overwrite: an earlier run's checkpoint whose name we reuse
-_CKPT_FILE = re.compile(
-    r"^(model(?:-replaced)?(?:-\d+)?|model\.ckpt(?:-\d+)?)"
-    r"(\.index|\.meta|\.data-\d{5}-of-\d{5}|" + re.escape(STATE_SUFFIX) + r")$"
-)
+RUN_PREFIX = paths.RUN_PREFIX
+STATE_SUFFIX = paths.STATE_SUFFIX
+COUNTER = paths.COUNTER
+REPLACED = paths.REPLACED
+_CKPT_FILE = paths.CHECKPOINT_FILE
 _STEP = re.compile(r"-(\d+)$")
 # Files of a save that never finished. TF's Saver (a BundleWriter) writes
 # <prefix>.data-00000-of-00001.tempstate<n> and <prefix>.index.tempstate<n> and renames them at
@@ -243,6 +240,9 @@ class RunCheckpoints:
         # --overwrite: after the first save, checkpoints this process did not write go.
         self.replace_others = replace_others
         self.on_first_commit = []  # callables run once, right after the first commit point
+        # callables run after each save, its commit point and its pruning (gpt2tf.remote's
+        # RunMirror uploads the run there: its copy commits only what is committed here)
+        self.after_save = []
         _, recorded = checkpoint_state(self.run_dir) if not replace_others else (None, [])
         self.kept: list[str] = [p for p in recorded if Path(p + ".index").is_file()]
 
@@ -267,6 +267,8 @@ class RunCheckpoints:
                 raise self._save_error(prefix, e) from None
             raise
         self._after_commit(prefix)
+        for hook in self.after_save:
+            hook()
         return prefix
 
     def check_free_space(self, what: str) -> None:
