@@ -191,14 +191,15 @@ _FINETUNE_SIG = _FINETUNE_SIG.replace(parameters=[
 
 @S.takes(_FINETUNE_SIG, names=S.GPT2_SIMPLE_NAMES, settings=_FINETUNE_SETTINGS + _FINETUNE_EXTRA)
 def finetune(*, sess, multi_gpu, reuse, run_name, checkpoint_dir, samples_dir, restore_from,
-             steps, overwrite, cluster, collective_timeout_s, **config):
+             steps, overwrite, cluster, collective_timeout_s, devices, **config):
     """gpt-2-simple's finetune(): train, then load the run into `sess` for generate()."""
     import_tensorflow()
     from gpt2tf.train.loop import train
 
     if multi_gpu:
-        log.warning("multi_gpu has no effect: for data-parallel training set TF_CONFIG on"
-                    " each worker (or cluster='slurm')")
+        log.warning("multi_gpu has no effect: several local GPUs train data-parallel anyway"
+                    " (devices=0); across machines set TF_CONFIG on each worker (or"
+                    " cluster='slurm')")
     if config.get("combine") == S.COMBINE.default:
         config["combine"] = None  # only a value the user chose is worth a warning
     for extra in _FINETUNE_EXTRA:  # settings beyond gpt-2-simple's: a resumed run keeps its own
@@ -207,7 +208,8 @@ def finetune(*, sess, multi_gpu, reuse, run_name, checkpoint_dir, samples_dir, r
     result = train(
         config, run_name=run_name, checkpoint_dir=checkpoint_dir, samples_dir=samples_dir,
         restore_from=restore_from, steps=-1 if steps in (None, 0) else steps,
-        overwrite=overwrite, cluster=cluster, collective_timeout_s=collective_timeout_s)
+        overwrite=overwrite, cluster=cluster, collective_timeout_s=collective_timeout_s,
+        devices=devices)
     if sess is not None:
         sess.load(result.run_dir)
     return result

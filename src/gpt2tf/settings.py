@@ -388,6 +388,10 @@ TRAIN_INVOCATION = (
     S("collective_timeout_s", float, 60.0, "data-parallel: a worker that does not answer an"
       " all-reduce within this many seconds ends training with an error naming it", low=0,
       low_open=True),
+    S("devices", int, 0, "local devices to train on data-parallel, one replica each"
+      " (MirroredStrategy): 0 every GPU where there are several; N the first N GPUs, or N logical"
+      " CPU devices without a GPU (for tests: they share the cores); a cluster's worker takes 1;"
+      " --batch_size is per device", low=0),
 )
 
 # Serving.

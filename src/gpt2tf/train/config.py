@@ -67,14 +67,14 @@ def require_validation(cfg) -> None:
 
 
 def check_invocation(*, run_name, restore_from, steps, overwrite, cluster="auto",
-                     collective_timeout_s=60.0) -> None:
+                     collective_timeout_s=60.0, devices=0) -> None:
     """The per-invocation settings (not stored with the run)."""
     from gpt2tf import paths
 
     values = settings.check_all(settings.TRAIN_INVOCATION, {
         "run_name": run_name, "restore_from": restore_from, "steps": steps,
         "overwrite": overwrite, "cluster": cluster,
-        "collective_timeout_s": collective_timeout_s})
+        "collective_timeout_s": collective_timeout_s, "devices": devices})
     paths.check_run_name(values["run_name"])
     if values["restore_from"] == "":
         raise FieldError("restore_from", "must be latest, fresh or a checkpoint path, got ''")

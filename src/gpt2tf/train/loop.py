@@ -50,7 +50,7 @@ from gpt2tf.train.config import (
     require_validation,
 )
 from gpt2tf.train.plan import load_data, plan_run
-from gpt2tf.train.step import TrainStep, check_precision, lm_loss
+from gpt2tf.train.step import TrainStep, check_precision, joined, lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ class Graph:
                  adapters: model.Lora | None = None, cluster=None,
                  collective_timeout_s: float = 60.0):
         tf1 = tf.compat.v1
-        b, t = cfg.batch_size, window - 1  # b: per replica
+        # b: this process's rows, --batch_size for each of its local replicas
+        b, t = cfg.batch_size * (cluster.local_replicas if cluster else 1), window - 1
         self.graph = tf.Graph()
         # A cluster: the whole graph is built in the strategy's scope (every op on this worker).
         with self.graph.as_default(), distributed.replicated(
@@ -80,11 +81,12 @@ class Graph:
                 tf1.set_random_seed(cfg.seed)  # the adapters' initial A depends on --seed alone
             rep = self.replication
 
-            def make_step():
-                return TrainStep(hparams, cfg.step_config(), self.tokens, inputs=self.inputs,
+            def make_step(tokens, inputs):  # (a replica's rows)
+                return TrainStep(hparams, cfg.step_config(), tokens, inputs=inputs,
                                  lora=adapters, reduce=rep.mean if rep else None)
 
-            self.step = rep.build(make_step) if rep else make_step()
+            self.step = (joined(rep.build(make_step, self.tokens, self.inputs)) if rep
+                         else make_step(self.tokens, self.inputs))
             self.val_tokens = tf1.placeholder(tf.int32, [None, window], name="val_tokens")
             self.val_loss = lm_loss(
                 hparams, self.val_tokens,
@@ -194,9 +196,11 @@ class Trainer:
                        adapters=plan.lora.spec if plan.lora else None, cluster=cluster,
                        collective_timeout_s=collective_timeout_s)
         self.replication = self.g.replication  # None: training alone
-        # Data parallel: worker `rank` of `replicas` trains rows [rank*B, (rank+1)*B) of each
-        # global batch; the chief (rank 0) alone writes the run directory and samples.
+        # Data parallel: worker `rank` trains rows [rank*L*B, (rank+1)*L*B) of each global batch
+        # (replicas x B; L its local replicas); the chief (rank 0) alone writes the run
+        # directory and samples.
         self.replicas = cluster.replicas if cluster else 1
+        self.local_replicas = cluster.local_replicas if cluster else 1  # (several: one worker)
         self.rank = cluster.task if cluster else 0
         self.chief = self.rank == 0
         if self.replication is None:
@@ -379,7 +383,8 @@ class Trainer:
         b = self.cfg.batch_size
         # Every worker draws the same global batch and keeps its rows: the data stream (and the
         # sampler's saved state) is a single run's at the global batch, whatever the topology.
-        rows = slice(self.rank * b, (self.rank + 1) * b)
+        mine = self.local_replicas * b  # this process's rows (its replicas split them)
+        rows = slice(self.rank * mine, (self.rank + 1) * mine)
         for _ in range(self.cfg.accumulate_gradients):
             batch = self.data.train.sample_batch(b * self.replicas, self.data.window)
             feed = {g.tokens: batch[rows]}
@@ -621,6 +626,7 @@ def train(
     overwrite: bool = False,
     cluster: str = "auto",
     collective_timeout_s: float = 60.0,
+    devices: int = 0,
 ) -> TrainResult:
     """Train; `config` holds TrainConfig fields (None: from the run's stored config, else the
     default). Returns where the last checkpoint went. When TF_CONFIG (or `cluster` "slurm")
@@ -628,8 +634,8 @@ def train(
     run per process, as its TensorFlow server lives as long as the process."""
     check_invocation(run_name=run_name, restore_from=restore_from, steps=steps,
                      overwrite=overwrite, cluster=cluster,
-                     collective_timeout_s=collective_timeout_s)
-    workers = distributed.resolve(cluster)
+                     collective_timeout_s=collective_timeout_s, devices=devices)
+    workers = distributed.resolve(cluster, devices=devices)
     run_name = str(run_name)
     unknown = sorted(set(config) - {s.name for s in TrainConfig.SETTINGS})
     assert not unknown, unknown  # the edges pass only declared settings
@@ -679,15 +685,16 @@ def train(
         if workers is None:
             _say("Training...")
         else:
-            _say(f"Training {workers.name(workers.task)} of {workers.replicas}: global batch"
+            _say(f"Training {workers.describe()}: global batch"
                  f" {workers.replicas * cfg.batch_size} ({workers.replicas} x --batch_size"
                  f" {cfg.batch_size})...")
         with StopRequest() as stop:
             step = trainer.loop(stop)
     except tf.errors.OpError as e:
-        if trainer.replication is None:
+        if trainer.replication is None or not workers.multi_worker:
             raise
-        latest = trainer.checkpoints.kept[-1] if trainer.checkpoints else plan.source_prefix
+        latest = (trainer.checkpoints.kept[-1] if trainer.checkpoints
+                  else f"in {run_dir}" if not trainer.chief else plan.source_prefix)
         raise trainer.replication.lost_worker(e, latest=str(latest)) from None
     except OSError as e:  # metrics, samples, run files (a failed save says more itself)
         latest = trainer.checkpoints.kept[-1] if trainer.checkpoints else plan.source_prefix

@@ -128,8 +128,18 @@ class Adafactor:
             u = u / tf.maximum(1.0, rms / ADAFACTOR_CLIP)
             with tf.control_dependencies(assigns):
                 updates.append(var.assign_sub(lr * u))
-        with tf.control_dependencies(updates):
-            return tf.group(global_step.assign_add(1), name="adafactor_apply")
+        # Data parallel with several local replicas, each updates its own copy of the weights
+        # in the replica context: the step (which the update and the learning rate read) may
+        # advance only after every replica's update, so the count goes through a merge_call.
+        ctx = tf.distribute.get_replica_context()
+        if ctx is None:  # built in a strategy's cross-replica context
+            return _advance(tf.distribute.get_strategy(), tf.group(updates), global_step)
+        return ctx.merge_call(_advance, args=(tf.group(updates), global_step))
+
+
+def _advance(strategy, update, global_step) -> tf.Operation:
+    with tf.control_dependencies(strategy.experimental_local_results(update)):
+        return tf.group(global_step.assign_add(1), name="adafactor_apply")
 
 
 class _TFOptimizer:

@@ -15,7 +15,8 @@ input later), so the same step can be built per replica.
   optimizer's state are the adapters' only, and OpenAI's weights stay as restored.
 - `reduce` (default: none) maps [loss, *gradients] to their means over the replicas of a
   data-parallel run (gpt2tf.train.distributed), once per optimizer step and before clipping;
-  the optimizer then applies them as they are (skip_gradients_aggregation).
+  the optimizer then applies them as they are (skip_gradients_aggregation). With several
+  local replicas (MirroredStrategy) each builds its own TrainStep; `joined` makes them one.
 - No random ops: input noise (nshepperd's --noise) comes in through `inputs`, drawn by the loop
   from a seeded generator, so a step is a pure function of its feeds and the variables.
 """
@@ -200,3 +201,16 @@ class TrainStep:
                 session.run(self.micro_op, feed)
             out = session.run({**fetch, "_": self.train_op})
         return {k: float(v) for k, v in out.items() if k != "_"}
+
+
+def joined(steps: list[TrainStep]) -> TrainStep:
+    """The TrainSteps of a process's local replicas as one: the first replica's fetches (after
+    the reduce hook its loss and gradient norm are the replicas' means) and ops that run every
+    replica's share (each accumulates and resets its own accumulators, and Adafactor updates
+    each replica's copy of the weights)."""
+    first = steps[0]
+    if len(steps) > 1:
+        first.train_op = tf.group([s.train_op for s in steps], name="train_replicas")
+        if first.micro_op is not None:
+            first.micro_op = tf.group([s.micro_op for s in steps], name="accumulate_replicas")
+    return first
