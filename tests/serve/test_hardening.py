@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings, strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 from shared_data import reference
 
 from gpt2tf import checkpoints
@@ -171,6 +172,14 @@ def test_connections_beyond_the_cap_are_refused_at_once(gen, caplog):
                 pass
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        # /metrics counts them too, by reason (prometheus_client's own parser reads it)
+        closed = {s.labels["reason"]: s.value
+                  for family in text_string_to_metric_families(
+                      requests.get(f"{url}/metrics", timeout=5).text)
+                  if family.name == "gpt2tf_connections_closed" for s in family.samples
+                  if s.name.endswith("_total")}
+        assert closed == {"connections": 200, "header_timeout": 0, "body_timeout": 0,
+                          "accept": 0}
     lines = [r for r in caplog.records if r.name.startswith(("gpt2tf", "uvicorn"))]
     assert len(lines) <= 2, [r.getMessage() for r in lines]  # one line, not 200
     assert not any(r.exc_info for r in lines)

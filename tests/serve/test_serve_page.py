@@ -144,3 +144,32 @@ def test_server_errors_are_shown(page):
     page.click("#generate")
     page.wait_for_selector("body[data-state=error]", timeout=10_000)
     assert "max_tokens" in page.text_content("#status")
+
+
+def test_with_an_api_key_the_page_asks_for_it_once(browser, tmp_path):
+    model = checkpoints.init_model_dir(tmp_path / "tiny", TINY)
+    with inference.Generator(model) as gen:
+        service = serve_app.Service(gen, model_id="tiny",
+                                    access=serve_app.Access(api_key="s3cret-key"))
+        with serve_server.serve_in_thread(service.app()) as base:
+            context = browser.new_context()
+            page = context.new_page()
+            asked = []
+            # The first answer is wrong (the page must ask again), the second right.
+            answers = iter(["wrong-key", "s3cret-key"])
+            page.on("dialog", lambda d: (asked.append(d.message), d.accept(next(answers))))
+            page.goto(base + "/")  # its model request gets a 401: it asks (wrong key)
+            page.wait_for_selector("body[data-state=idle]")
+            deadline = time.monotonic() + 10
+            while not asked:
+                assert time.monotonic() < deadline, "the page did not ask for the key"
+                time.sleep(0.05)
+            fill(page, "Hello there", max_tokens=12, seed=3)
+            page.click("#generate")  # asks again (the wrong key was dropped), then streams
+            page.wait_for_selector("body[data-state=done]", timeout=20_000)
+            assert len(asked) == 2 and "API key" in asked[0]
+            assert page.text_content("#out-text")
+            page.click("#generate")  # the key is kept for the tab: no third question
+            page.wait_for_selector("body[data-state=done]", timeout=20_000)
+            assert len(asked) == 2
+            context.close()

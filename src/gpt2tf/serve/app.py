@@ -560,6 +560,7 @@ class Service:
             lifespan=self.lifespan,
         )
         app.state.batcher = self.batcher  # the server ends generation when its grace period ends
+        app.state.metrics = self.metrics  # the server adds its connection counters
         return app
 
 

@@ -3,7 +3,8 @@
 Each Service has its own registry (nothing global, so several servers in one process, or the
 tests, never share counters). Queue length, running rows and sampled tokens are read from the
 batcher when scraped; time to first token and request latency are histograms observed by the
-app as requests go.
+app as requests go; connections the server closed or refused (the OverloadLog's counts, by
+kind) are read at scrape time once the server is attached (`watch_connections`).
 """
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -29,6 +30,24 @@ class _BatcherCounters:
                                   value=b.rows_cancelled)
 
 
+class _ConnectionCounters:
+    """Connections closed or refused by the server's own limits, by reason, at scrape time."""
+
+    def __init__(self, counts):
+        self.counts = counts  # an OverloadLog's Counter: kind -> times since start
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "gpt2tf_connections_closed", "Connections closed or refused by the server's limits"
+            " (connections: --max_connections; header_timeout, body_timeout)", labels=["reason"])
+        for kind in CONNECTION_REASONS:
+            family.add_metric([kind], self.counts.get(kind, 0))
+        yield family
+
+
+CONNECTION_REASONS = ("connections", "header_timeout", "body_timeout", "accept")
+
+
 class Metrics:
     def __init__(self, batcher):
         self.registry = CollectorRegistry()
@@ -46,6 +65,10 @@ class Metrics:
         self.latency = Histogram("gpt2tf_request_seconds",
                                  "From a request's arrival to its last token", buckets=SECONDS,
                                  registry=r)
+
+    def watch_connections(self, counts) -> None:
+        """Export the server's OverloadLog counts (called once, when the server is built)."""
+        self.registry.register(_ConnectionCounters(counts))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -234,6 +234,9 @@ def _uvicorn_server(app, *, log_level: str, grace_s: float = DEFAULT_SHUTDOWN_GR
     import uvicorn
 
     overload = OverloadLog(log)
+    metrics = getattr(getattr(app, "state", None), "metrics", None)
+    if metrics is not None:
+        metrics.watch_connections(overload.counts)
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager

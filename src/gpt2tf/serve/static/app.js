@@ -48,6 +48,28 @@ async function errorMessage(response) {
   return `HTTP ${response.status}`;
 }
 
+// The API's fetch: with the server's API key when one was given. A 401 asks for the key once
+// (kept for this tab only, in sessionStorage) and sends the request again with it.
+const KEY_ITEM = "gpt2tf-api-key";
+
+function withKey(options) {
+  const key = sessionStorage.getItem(KEY_ITEM);
+  const headers = { ...(options.headers || {}) };
+  if (key) headers.Authorization = `Bearer ${key}`;
+  return { ...options, headers };
+}
+
+async function apiFetch(url, options = {}) {
+  const response = await fetch(url, withKey(options));
+  if (response.status !== 401) return response;
+  const key = window.prompt("This server needs its API key (--api_key):");
+  if (!key) return response;
+  sessionStorage.setItem(KEY_ITEM, key.trim());
+  const retried = await fetch(url, withKey(options));
+  if (retried.status === 401) sessionStorage.removeItem(KEY_ITEM); // wrong: ask next time
+  return retried;
+}
+
 // Split an SSE byte stream into events; call onData with each "data:" payload.
 async function readEvents(response, onData) {
   const reader = response.body.getReader();
@@ -86,7 +108,7 @@ async function generate(event) {
   setState("running", "generating…");
   let finish = null;
   try {
-    const response = await fetch("/v1/completions", {
+    const response = await apiFetch("/v1/completions", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body),
@@ -123,7 +145,7 @@ function stop() {
 
 async function showModel() {
   try {
-    const response = await fetch("/v1/models");
+    const response = await apiFetch("/v1/models");
     const data = await response.json();
     if (data.data && data.data.length) $("model").textContent = data.data[0].id;
   } catch (e) { /* the title just stays without the model name */ }
