@@ -30,7 +30,10 @@ The rest of the toolkit reads and writes local files only, so:
   checkpoint, complete, since nothing is deleted before 4. A resumed run continues from it and
   its next commit deletes what the interrupted upload left. (With --overwrite, a checkpoint
   name the remote `checkpoint` still records is first copied aside to model-replaced-<step>,
-  and `checkpoint` pointed there, as run_state does locally.)
+  and `checkpoint` pointed there, as run_state does locally.) A run is downloaded whole each
+  time, never trusted from an earlier copy; the local disk needs room for it, and the cache
+  keeps the last copy (gpt2tf.finetune loads it), which may be deleted at any time. Periodic
+  samples (--samples_dir) stay local.
 
 Each file is uploaded all or nothing:
 - file systems with an atomic rename (hdfs://, file://, ram://): written to a hidden temporary
@@ -311,6 +314,8 @@ class RunMirror:
         url = _join(checkpoint_dir, name)
         mirror = cls(url, _cache("runs", url) / copy / name)
         mirror.local.parent.mkdir(parents=True, exist_ok=True)
+        for left in mirror.local.parent.glob(f".{name}.*"):  # by a pull that was killed
+            shutil.rmtree(left, ignore_errors=True)
         g = _tf().io.gfile
         tmp = fileio.temp_dir_beside(mirror.local)
         try:
