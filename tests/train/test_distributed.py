@@ -1,4 +1,5 @@
-"""Data-parallel training: 2 worker processes on 127.0.0.1 (CPU) against one process.
+"""Data-parallel training: 2 worker processes on 127.0.0.1 (CPU), or one process on 2 logical
+CPU devices, against one process.
 
 The workers are train.py subprocesses given TF_CONFIG; the single-process runs train in-process
 with TF_CONFIG removed, so the tests do not depend on the environment they start in.
@@ -173,14 +174,17 @@ def test_two_workers_equal_one_process_with(flags, skip, loss_tol, tmp_path, mod
 def test_two_local_devices_equal_one_process_at_the_global_batch(tmp_path, models_dir, data,
                                                                  capsys):
     """One process x 2 logical CPU devices x batch 1 (MirroredStrategy) = 1 process x batch 2:
-    Adam, clipping, 2 micro-batches a step; the checkpoint's names are a single run's."""
+    Adam, clipping, 2 micro-batches a step; the checkpoint's names are a single run's; the
+    periodic sample reads the mirrored weights."""
     ck, said = tmp_path / "checkpoint", {}
-    for run, flags in (("mirrored", {"batch_size": 1, "devices": 2}), ("alone", {"batch_size": 2})):
+    mirrored = {"batch_size": 1, "devices": 2, "sample_every": 3, "sample_length": 4}
+    for run, flags in (("mirrored", mirrored), ("alone", {"batch_size": 2})):
         code, said[run], err = train(_args(tmp_path, models_dir, data, run, steps=3,
                                            accumulate_gradients=2, **flags), capsys)
         assert code == 0, err
     assert ("Training on 2 devices (/cpu:0, /cpu:1): global batch 2 (2 x --batch_size 1)"
             in said["mirrored"])
+    assert "======== SAMPLE 1 ========" in said["mirrored"]
     _assert_same_weights(ck / "mirrored" / "model-3", ck / "alone" / "model-3")
     alone, mirrored = losses(ck / "alone"), losses(ck / "mirrored")
     assert sorted(mirrored) == [1, 2, 3]
