@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,25 @@ class Child:
                 rest.append(item)
         self.lines += rest
         return code, "".join(rest), self.proc.stderr.read()
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def tf_config(ports: list[int], index: int) -> str:
+    """TF_CONFIG for worker `index` of workers on 127.0.0.1 at `ports`."""
+    workers = ", ".join(f'"127.0.0.1:{p}"' for p in ports)
+    return f'{{"cluster": {{"worker": [{workers}]}}, "task": {{"type": "worker", "index": {index}}}}}'
+
+
+def start_workers(args: list, n: int = 2, *, layout=tf_config) -> list["Child"]:
+    """n train.py processes with `args`, each given its TF_CONFIG (data parallel on loopback)."""
+    ports = free_ports(n)
+    return [Child(args, env={"TF_CONFIG": layout(ports, i)}) for i in range(n)]

@@ -9,12 +9,12 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import time
 
 import numpy as np
 import pytest
-from train_helpers import Child, base_args, latest_name, losses, make_models_dir, train
+from train_helpers import (Child, base_args, latest_name, losses, make_models_dir,
+                           start_workers, tf_config, train)
 
 from gpt2tf.errors import UserError
 from gpt2tf.train import distributed
@@ -30,21 +30,6 @@ def alone(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _tf_config(ports: list[int], index: int) -> str:
-    workers = ", ".join(f'"127.0.0.1:{p}"' for p in ports)
-    return f'{{"cluster": {{"worker": [{workers}]}}, "task": {{"type": "worker", "index": {index}}}}}'
-
-
 def _chief_tf_config(ports: list[int], index: int) -> str:
     """Kubeflow's TFJob and Ray Train's layout: a "chief" task, then the "worker" tasks."""
     chief, *workers = [f"127.0.0.1:{p}" for p in ports]
@@ -52,9 +37,8 @@ def _chief_tf_config(ports: list[int], index: int) -> str:
     return json.dumps({"cluster": {"chief": [chief], "worker": workers}, "task": task})
 
 
-def _workers(args: list, n: int = 2, *, layout=_tf_config) -> list[Child]:
-    ports = _free_ports(n)
-    return [Child(args, env={"TF_CONFIG": layout(ports, i)}) for i in range(n)]
+def _workers(args: list, n: int = 2, *, layout=tf_config) -> list[Child]:
+    return start_workers(args, n, layout=layout)
 
 
 def _args(tmp, models, data, run_name, **flags):

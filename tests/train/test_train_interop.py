@@ -16,6 +16,7 @@ from train_helpers import (
     base_args,
     latest_name,
     make_model,
+    start_workers,
     train,
     write_text_data,
 )
@@ -84,6 +85,27 @@ def test_our_run_loads_in_gpt2_simple(workdir, capsys):
         sess = gpt2.start_tf_sess()
         gpt2.load_gpt2(sess, run_name="ours")
         texts = gpt2.generate(sess, run_name="ours", length=10, return_as_list=True, seed=1)
+        print(json.dumps(texts))
+    """, workdir)
+    texts = json.loads(out.strip().splitlines()[-1])
+    assert len(texts) == 1 and isinstance(texts[0], str)
+
+
+def test_a_data_parallel_run_loads_in_gpt2_simple(workdir, monkeypatch):
+    """2 workers on loopback write the run (the chief alone): gpt-2-simple's load_gpt2 restores
+    it and samples from it (test_distributed checks the names equal a single process's)."""
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    args = base_args(workdir, workdir / "models", workdir / "data.txt", "dist", steps=2,
+                     seq_len=32, batch_size=1)
+    results = [k.finish(timeout=240) for k in start_workers(args)]
+    assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
+    assert latest_name(workdir / "checkpoint" / "dist") == "model-2"
+    out = _run_gpt2_simple("""
+        import json
+        import gpt_2_simple as gpt2
+        sess = gpt2.start_tf_sess()
+        gpt2.load_gpt2(sess, run_name="dist")
+        texts = gpt2.generate(sess, run_name="dist", length=10, return_as_list=True, seed=1)
         print(json.dumps(texts))
     """, workdir)
     texts = json.loads(out.strip().splitlines()[-1])
