@@ -40,6 +40,21 @@ def _run_gpt2_simple(code: str, cwd) -> str:
     return proc.stdout
 
 
+def _samples_in_gpt2_simple(workdir, run_name: str) -> None:
+    """gpt-2-simple's load_gpt2 restores our run and generate samples from it."""
+    out = _run_gpt2_simple(f"""
+        import json
+        import gpt_2_simple as gpt2
+        sess = gpt2.start_tf_sess()
+        gpt2.load_gpt2(sess, run_name={run_name!r})
+        texts = gpt2.generate(sess, run_name={run_name!r}, length=10, return_as_list=True,
+                              seed=1)
+        print(json.dumps(texts))
+    """, workdir)
+    texts = json.loads(out.strip().splitlines()[-1])
+    assert len(texts) == 1 and isinstance(texts[0], str)
+
+
 @pytest.fixture
 def workdir(tmp_path):
     _require_gpt2_simple()
@@ -79,16 +94,7 @@ def test_our_run_loads_in_gpt2_simple(workdir, capsys):
                      seq_len=32)
     code, _, err = train(args, capsys)
     assert code == 0, err
-    out = _run_gpt2_simple("""
-        import json
-        import gpt_2_simple as gpt2
-        sess = gpt2.start_tf_sess()
-        gpt2.load_gpt2(sess, run_name="ours")
-        texts = gpt2.generate(sess, run_name="ours", length=10, return_as_list=True, seed=1)
-        print(json.dumps(texts))
-    """, workdir)
-    texts = json.loads(out.strip().splitlines()[-1])
-    assert len(texts) == 1 and isinstance(texts[0], str)
+    _samples_in_gpt2_simple(workdir, "ours")
 
 
 def test_a_data_parallel_run_loads_in_gpt2_simple(workdir, monkeypatch):
@@ -100,13 +106,4 @@ def test_a_data_parallel_run_loads_in_gpt2_simple(workdir, monkeypatch):
     results = [k.finish(timeout=240) for k in start_workers(args)]
     assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
     assert latest_name(workdir / "checkpoint" / "dist") == "model-2"
-    out = _run_gpt2_simple("""
-        import json
-        import gpt_2_simple as gpt2
-        sess = gpt2.start_tf_sess()
-        gpt2.load_gpt2(sess, run_name="dist")
-        texts = gpt2.generate(sess, run_name="dist", length=10, return_as_list=True, seed=1)
-        print(json.dumps(texts))
-    """, workdir)
-    texts = json.loads(out.strip().splitlines()[-1])
-    assert len(texts) == 1 and isinstance(texts[0], str)
+    _samples_in_gpt2_simple(workdir, "dist")
