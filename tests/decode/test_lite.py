@@ -154,6 +154,23 @@ def test_copy_row_and_a_new_row_count(fp32_model, reference):
     assert max_error(reference, prompt[:4], seq, got) < EXACT
 
 
+def test_start_plans_the_cache_for_the_prompts(fp32_model, reference):
+    """A generation's grown cache is not kept for the next one with the same rows (attention
+    would read every slot); start() sizes it for the longest prompt, so prefill never grows it."""
+    step = lite.LiteStep(fp32_model, HP)
+    greedy(step, [[1, 2, 3], [4, 5, 6, 7]], 130)
+    assert (step.rows, step.cache_len) == (2, 256)
+    step.start(2)
+    assert step.cache_len == 128
+    step.start(2, 200)
+    assert step.cache_len == 256
+    prompt = list(np.random.default_rng(5).integers(0, HP.n_vocab, 199))
+    np.testing.assert_allclose(step.prefill(0, prompt), reference(prompt)[-1], atol=EXACT)
+    assert step.cache_len == 256
+    with pytest.raises(ValueError, match="slots"):
+        step.start(2, HP.n_ctx + 1)
+
+
 def test_long_prompt_and_growth_in_prefill(fp32_model, reference):
     step = lite.LiteStep(fp32_model, HP)
     prompt = list(np.random.default_rng(4).integers(0, HP.n_vocab, 200))  # bucket 320

@@ -109,7 +109,8 @@ class LiteBackend:
         self.positions = np.zeros([0], np.int32)  # [B] the slot each row's next token goes to
 
     def start(self, contexts: list[list[int]]) -> np.ndarray:
-        self.lite.start(len(contexts))
+        # room for the longest prompt and its first new token, so prefill never grows it
+        self.lite.start(len(contexts), min(self.hparams.n_ctx, max(map(len, contexts)) + 1))
         logits = np.empty([len(contexts), self.hparams.n_vocab], np.float32)  # [B, V]
         first: dict[tuple, int] = {}  # rows that share a prompt share its prefill
         for row, context in enumerate(contexts):

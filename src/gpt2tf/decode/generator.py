@@ -161,7 +161,7 @@ class Generator:
 
     def _stepped_logprobs(self, ids: np.ndarray) -> np.ndarray:
         lite = self.engine.backend.lite
-        lite.start(len(ids))
+        lite.start(len(ids), min(ids.shape[1], self.hparams.n_ctx))
         out = np.zeros([ids.shape[0], ids.shape[1] - 1])  # [B, T-1]
         for t in range(ids.shape[1] - 1):
             logits = lite.step(ids[:, t].astype(np.int32), np.full(len(ids), t, np.int32))
