@@ -188,3 +188,20 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_others_steps(tmp_path_
     assert [calls[i][1] for i in chunks] == [128, 128, 44]
     for a, b in zip(chunks, chunks[1:]):
         assert any(c[0] == "step" for c in calls[a:b]), calls[a:b]  # the other decoded between
+
+
+def test_the_cache_shrinks_once_long_requests_are_gone(tmp_path):
+    """A long request grows every row's cache (attention reads all of it); once it is gone the
+    short ones step over a short cache again, and their texts do not change."""
+    model = checkpoints.init_model_dir(tmp_path / "tiny", tiny(n_ctx=512, n_head=2), seed=3)
+    with Generator(model) as gen:
+        service = serve_app.Service(gen, model_id="tiny", limits=LIMITS)
+        lite = service.batcher.lite
+        with serve_server.serve_in_thread(service.app()) as url:
+            short = {"max_tokens": 20, "seed": 4, "temperature": 0.8, "ignore_eos": True}
+            before = _complete(url, **short)["text"]
+            assert lite.cache_len == 128
+            _complete(url, max_tokens=300, seed=5, ignore_eos=True)
+            assert lite.cache_len == 512  # grew 128 -> 256 -> 512 on the way
+            assert _complete(url, **short)["text"] == before
+            assert lite.cache_len == 128

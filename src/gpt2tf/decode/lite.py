@@ -462,13 +462,22 @@ class LiteStep:
         if rows != self._rows or length != self._cache_len:
             self._replan(int(rows), length, keep=False)
 
-    def resize(self, rows: int) -> None:
+    def resize(self, rows: int, slots: int | None = None) -> None:
         """Change the row count keeping rows 0..min(old, new)-1 as they are (the server's rows
-        come and go between steps; a row's numbers never depend on how many rows share a step)."""
+        come and go between steps; a row's numbers never depend on how many rows share a step).
+
+        With `slots`, the cache also takes the shortest length that holds that many slots, up
+        or down; the kept rows' first `slots` slots are carried over, so every filled slot
+        must lie below it."""
         if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
             raise ValueError(f"rows must be a positive integer, got {rows!r}")
-        if rows != self._rows:
-            self._replan(int(rows), self._cache_len, keep=True)
+        length = self._cache_len
+        if slots is not None:
+            if not 1 <= slots <= self.hparams.n_ctx:
+                raise ValueError(f"slots must be 1..n_ctx={self.hparams.n_ctx}, got {slots!r}")
+            length = min(s for s in self._lengths if s >= slots)
+        if rows != self._rows or length != self._cache_len:
+            self._replan(int(rows), length, keep=True)
 
     @property
     def rows(self) -> int:
