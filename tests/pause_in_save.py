@@ -11,6 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gpt2tf.cli import train_main  # noqa: E402
+from gpt2tf import paths  # noqa: E402
 from gpt2tf.train import run_state  # noqa: E402
 
 
@@ -20,7 +21,7 @@ def pause_before_commit(step: int, action):
     commit = run_state.write_checkpoint_state
 
     def write_checkpoint_state(run_dir, prefixes):
-        if prefixes and Path(prefixes[-1]).name == f"{run_state.RUN_PREFIX}-{step}":
+        if prefixes and Path(prefixes[-1]).name == f"{paths.RUN_PREFIX}-{step}":
             action(prefixes[-1])
         return commit(run_dir, prefixes)
 

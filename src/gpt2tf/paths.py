@@ -38,10 +38,12 @@ RUN_PREFIX = "model"  # gpt-2-simple's and nshepperd's run checkpoints: model-<s
 STATE_SUFFIX = ".state.json"  # our side file beside each checkpoint: model-<step>.state.json
 COUNTER = "counter"  # gpt-2-simple's file holding the step of the latest checkpoint
 REPLACED = "model-replaced"  # --overwrite: an earlier run's checkpoint whose name we reuse
-# A file of one checkpoint in a model or run folder; group 1 is the checkpoint's name (prefix).
+# A checkpoint's name (prefix) in a model or run folder: model.ckpt, model-<step>, ...
+CHECKPOINT_NAME = r"(?:model(?:-replaced)?(?:-\d+)?|model\.ckpt(?:-\d+)?)"
+# A file of one checkpoint; group 1 is the checkpoint's name.
 CHECKPOINT_FILE = re.compile(
-    r"^(model(?:-replaced)?(?:-\d+)?|model\.ckpt(?:-\d+)?)"
-    r"(\.index|\.meta|\.data-\d{5}-of-\d{5}|" + re.escape(STATE_SUFFIX) + r")$"
+    "^(" + CHECKPOINT_NAME + r")(\.index|\.meta|\.data-\d{5}-of-\d{5}|"
+    + re.escape(STATE_SUFFIX) + r")$"
 )
 
 DEFAULT_MODELS_DIR = "models"

@@ -95,7 +95,7 @@ def test_disk_full_during_save_is_an_error_and_latest_stays(tmp_path, args, monk
                                                             capsys, failure):
     import tensorflow as tf
 
-    from gpt2tf import fileio
+    from gpt2tf import fileio, paths
     from gpt2tf.train import run_state
     from gpt2tf.decode.generator import Generator
 
@@ -105,7 +105,7 @@ def test_disk_full_during_save_is_an_error_and_latest_stays(tmp_path, args, monk
         real = fileio.write_json
 
         def write_json(path, obj):
-            if str(path).endswith(run_state.STATE_SUFFIX):
+            if str(path).endswith(paths.STATE_SUFFIX):
                 saves.append(path)
                 if len(saves) == 2:
                     raise OSError(errno.ENOSPC, "No space left on device")

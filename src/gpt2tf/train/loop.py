@@ -259,7 +259,7 @@ class Trainer:
         if side is None:
             log.warning(
                 "%s has no %s file: the data order cannot continue where it stopped",
-                self.plan.source_prefix, run_state.STATE_SUFFIX,
+                self.plan.source_prefix, paths.STATE_SUFFIX,
             )
             return
         sampler_state = side.get("sampler", {})
@@ -462,7 +462,7 @@ class Trainer:
             "stale_validations": self.stale_validations,
             "best_checkpoint": self.best_checkpoint,
         }
-        _say(f"Saving {self.plan.run_dir / f'{run_state.RUN_PREFIX}-{step}'}")
+        _say(f"Saving {self.plan.run_dir / f'{paths.RUN_PREFIX}-{step}'}")
         self.metrics.sync()
         if self.writer is not None:
             self.writer.flush()
@@ -553,7 +553,7 @@ class Trainer:
         kept = self.best_checkpoint
         if not self.cfg.keep_best or (kept is not None and val_loss >= kept["val_loss"]):
             return False
-        self.best_checkpoint = {"checkpoint": f"{run_state.RUN_PREFIX}-{step}", "step": step,
+        self.best_checkpoint = {"checkpoint": f"{paths.RUN_PREFIX}-{step}", "step": step,
                                 "val_loss": val_loss}
         if self.checkpoints is None:  # a worker that is not the chief keeps no checkpoints
             return True
@@ -706,7 +706,7 @@ def train(
         trainer.close()
     if not trainer.chief:
         return TrainResult(run_dir=run_dir, step=step,
-                           checkpoint=str(run_dir / f"{run_state.RUN_PREFIX}-{step}"),
+                           checkpoint=str(run_dir / f"{paths.RUN_PREFIX}-{step}"),
                            stopped_early=trainer.stopped_early)
     best = trainer.checkpoints.best
     return TrainResult(run_dir=run_dir, step=step, checkpoint=str(trainer.checkpoints.kept[-1]),

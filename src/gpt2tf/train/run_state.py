@@ -34,24 +34,18 @@ from gpt2tf.errors import UserError
 
 log = logging.getLogger(__name__)
 
-RUN_PREFIX = paths.RUN_PREFIX
-STATE_SUFFIX = paths.STATE_SUFFIX
-COUNTER = paths.COUNTER
-REPLACED = paths.REPLACED
-_CKPT_FILE = paths.CHECKPOINT_FILE
 _STEP = re.compile(r"-(\d+)$")
 # Files of a save that never finished. TF's Saver (a BundleWriter) writes
 # <prefix>.data-00000-of-00001.tempstate<n> and <prefix>.index.tempstate<n> and renames them at
 # its end; a sharded Saver writes into <prefix>_temp/ (or _temp_<hex>/); fileio.atomic_open
 # writes .<name>.<random>.tmp beside the file it replaces.
-_CKPT_NAME = r"(?:model(?:-replaced)?(?:-\d+)?|model\.ckpt(?:-\d+)?)"
 _TEMP_FILE = re.compile(
-    _CKPT_NAME + r"(?:\.index|\.data-\d{5}-of-\d{5})\.tempstate\d+"
-    r"|\.(?:" + _CKPT_NAME + re.escape(STATE_SUFFIX)
+    paths.CHECKPOINT_NAME + r"(?:\.index|\.data-\d{5}-of-\d{5})\.tempstate\d+"
+    r"|\.(?:" + paths.CHECKPOINT_NAME + re.escape(paths.STATE_SUFFIX)
     + r"|checkpoint|counter|hparams\.json|encoder\.json|vocab\.bpe|train_config\.json"
     r"|metrics\.jsonl|best\.json)\.[A-Za-z0-9_]+\.tmp"
 )
-_TEMP_DIR = re.compile(_CKPT_NAME + r"_temp(?:_[0-9a-f]+)?")
+_TEMP_DIR = re.compile(paths.CHECKPOINT_NAME + r"_temp(?:_[0-9a-f]+)?")
 SAVE_MARGIN = 1 << 20  # beyond the tensors: the .index, the side file, `checkpoint`, `counter`
 
 
@@ -122,7 +116,7 @@ def checkpoint_files(run_dir: Path) -> dict[str, list[Path]]:
     if not run_dir.is_dir():
         return out
     for f in run_dir.iterdir():
-        m = _CKPT_FILE.match(f.name)
+        m = paths.CHECKPOINT_FILE.match(f.name)
         if m and f.is_file():
             out.setdefault(str(run_dir / m.group(1)), []).append(f)
     return out
@@ -141,7 +135,7 @@ def write_checkpoint_state(run_dir: Path, prefixes: list[str]) -> None:
 
 
 def read_side_state(prefix: str) -> dict | None:
-    path = Path(prefix + STATE_SUFFIX)
+    path = Path(prefix + paths.STATE_SUFFIX)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -168,7 +162,7 @@ def read_best(run_dir: Path) -> dict | None:
 
 def read_counter(run_dir: Path) -> int | None:
     try:
-        return int((run_dir / COUNTER).read_text(encoding="utf-8").strip())
+        return int((run_dir / paths.COUNTER).read_text(encoding="utf-8").strip())
     except (FileNotFoundError, ValueError):
         return None
 
@@ -247,7 +241,7 @@ class RunCheckpoints:
         self.kept: list[str] = [p for p in recorded if Path(p + ".index").is_file()]
 
     def prefix_of(self, step: int) -> str:
-        return str(self.run_dir / f"{RUN_PREFIX}-{step}")
+        return str(self.run_dir / f"{paths.RUN_PREFIX}-{step}")
 
     def save(self, session, step: int, side_state: dict) -> str:
         prefix = self.prefix_of(step)
@@ -294,10 +288,10 @@ class RunCheckpoints:
             self._move_aside(prefix)
         with session.graph.as_default():
             self.saver.save(
-                session, str(self.run_dir / RUN_PREFIX), global_step=step,
+                session, str(self.run_dir / paths.RUN_PREFIX), global_step=step,
                 write_state=False, write_meta_graph=False,
             )
-        fileio.write_json(prefix + STATE_SUFFIX, {"step": step, **side_state})
+        fileio.write_json(prefix + paths.STATE_SUFFIX, {"step": step, **side_state})
         best = self.best["checkpoint"] if self.keep_best and self.best else None
         latest = [p for p in self.kept if p not in (prefix, best)] + [prefix]
         kept = latest[-self.max_checkpoints:] if self.max_checkpoints > 0 else latest
@@ -305,7 +299,7 @@ class RunCheckpoints:
             kept = [best] + kept  # older than every latest one: `checkpoint` lists by age
         write_checkpoint_state(self.run_dir, kept)  # the commit point
         self.kept = kept
-        fileio.write_text(self.run_dir / COUNTER, f"{step}\n")
+        fileio.write_text(self.run_dir / paths.COUNTER, f"{step}\n")
         self.sync_best_file()
 
     def sync_best_file(self) -> None:
@@ -333,7 +327,7 @@ class RunCheckpoints:
         if not files:
             return
         latest, recorded = checkpoint_state(self.run_dir)
-        aside = str(self.run_dir / f"{REPLACED}-{step_of(prefix)}")
+        aside = str(self.run_dir / f"{paths.REPLACED}-{step_of(prefix)}")
         for f in files:
             target = Path(aside + f.name[len(os.path.basename(prefix)):])
             target.unlink(missing_ok=True)
