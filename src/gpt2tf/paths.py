@@ -4,6 +4,7 @@ A model directory holds OpenAI's seven files; a run directory (checkpoint/<run_n
 same layout plus the training state, so both load with the same code, ours or gpt-2-simple's.
 """
 
+import json
 import os
 import re
 from pathlib import Path
@@ -64,6 +65,35 @@ def cache_root() -> Path:
     """$GPT2TF_CACHE_DIR, else $XDG_CACHE_HOME/gpt2tf, else ~/.cache/gpt2tf."""
     return Path(os.environ.get(CACHE_ENV) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2tf"))
+
+
+def checkpoint_state(folder: Path) -> tuple[str | None, list[str]]:
+    """(latest prefix, every recorded prefix) from a folder's `checkpoint` file, as
+    folder / name; (None, []) without one."""
+    state_file = Path(folder) / CKPT_STATE
+    if not state_file.is_file():
+        return None, []
+    from gpt2tf.quiet import import_tensorflow
+
+    import_tensorflow()  # quietly: this may be the first use of TensorFlow
+    import tensorflow as tf
+
+    try:
+        state = tf.train.get_checkpoint_state(str(folder))
+    except (tf.errors.OpError, ValueError) as e:  # (a binary file: UnicodeDecodeError)
+        raise UserError(f"{state_file} cannot be read ({e}): fix or remove it") from None
+    if state is None:
+        return None, []
+    # TF has joined relative entries with the folder: paths comparable to folder / "model-N"
+    return state.model_checkpoint_path, list(state.all_model_checkpoint_paths)
+
+
+def checkpoint_state_text(prefixes: list[str]) -> str:
+    """A `checkpoint` file naming prefixes[-1] as the latest, all of them recorded. Relative
+    names, so the folder stays valid when copied or moved elsewhere."""
+    names = [json.dumps(os.path.basename(p)) for p in prefixes]  # a C-style quoted string
+    return f"model_checkpoint_path: {names[-1]}\n" + "".join(
+        f"all_model_checkpoint_paths: {n}\n" for n in names)
 
 
 def canonical_model_name(name: str) -> str:

@@ -268,29 +268,11 @@ def upload(source: "Path | str", url: str, *, direct: bool) -> None:
 
 def _recorded(folder: Path) -> tuple[str | None, list[str]]:
     """(latest, every recorded) checkpoint name in a local folder's `checkpoint` file."""
-    tf = _tf()
-    if not (folder / paths.CKPT_STATE).is_file():
+    latest, recorded = paths.checkpoint_state(folder)
+    if latest is None:
         return None, []
-    try:
-        state = tf.train.get_checkpoint_state(str(folder))
-    except (tf.errors.OpError, ValueError) as e:
-        raise UserError(f"cannot read the run's {paths.CKPT_STATE} file ({_first_line(e)})"
-                        ) from None
-    if state is None:
-        return None, []
-    latest = os.path.basename(state.model_checkpoint_path)
-    recorded = [os.path.basename(p) for p in state.all_model_checkpoint_paths]
-    return latest, list(dict.fromkeys(recorded + [latest]))
-
-
-def _state_text(latest: str, recorded: list[str]) -> str:
-    """A `checkpoint` file naming `latest` (TF's text format)."""
-    tf = _tf()
-    from google.protobuf import text_format
-
-    proto = tf.compat.v1.train.generate_checkpoint_state_proto(
-        "", latest, all_model_checkpoint_paths=recorded)
-    return text_format.MessageToString(proto)
+    latest = os.path.basename(latest)
+    return latest, list(dict.fromkeys([os.path.basename(p) for p in recorded] + [latest]))
 
 
 class RunMirror:
@@ -412,7 +394,8 @@ class RunMirror:
         recorded = [rename.get(p, p) for p in self.recorded]
         state = self.local.with_name(f".{paths.CKPT_STATE}.{secrets.token_hex(8)}.aside")
         try:
-            state.write_text(_state_text(latest, recorded), encoding="utf-8")
+            text = paths.checkpoint_state_text([p for p in recorded if p != latest] + [latest])
+            state.write_text(text, encoding="utf-8")
             upload(state, _join(self.url, paths.CKPT_STATE), direct=self.direct)
         finally:
             state.unlink(missing_ok=True)

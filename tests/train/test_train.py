@@ -183,7 +183,7 @@ def test_fresh_refuses_existing_run_and_overwrite_replaces_it_after_saving(
 def test_sampler_resume_and_orphans_after_a_crash_between_saves(tmp_path, models_dir, data):
     """A crash after the data files but before `checkpoint` was updated: resume from the
     previous checkpoint, drop the orphan, and log each step once."""
-    from gpt2tf.train import run_state
+    from gpt2tf import paths
 
     args = base_args(tmp_path, models_dir, data, seq_len=16, save_every=2, max_checkpoints=0)
     assert train(args + ["--steps", 4])[0] == 0
@@ -198,7 +198,7 @@ def test_sampler_resume_and_orphans_after_a_crash_between_saves(tmp_path, models
     assert latest_name(run) == "model-5"
     assert not list(run.glob("model-6.*"))
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5]
-    _, recorded = run_state.checkpoint_state(run)
+    _, recorded = paths.checkpoint_state(run)
     assert [p.rsplit("-", 1)[1] for p in recorded] == ["2", "4", "5"]
 
 

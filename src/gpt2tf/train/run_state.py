@@ -55,24 +55,6 @@ def step_of(prefix: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def checkpoint_state(run_dir: Path) -> tuple[str | None, list[str]]:
-    """(latest prefix, every recorded prefix) from the `checkpoint` file, as run_dir / name."""
-    import tensorflow as tf
-
-    state_file = run_dir / paths.CKPT_STATE
-    if not state_file.is_file():
-        return None, []
-    try:
-        state = tf.train.get_checkpoint_state(str(run_dir))
-    except (tf.errors.OpError, ValueError) as e:  # (a binary file: UnicodeDecodeError)
-        raise UserError(f"{state_file} cannot be read ({e}): fix or remove it") from None
-    if state is None:
-        return None, []
-
-    # TF has joined relative entries with the folder: paths comparable to run_dir / "model-N"
-    return state.model_checkpoint_path, list(state.all_model_checkpoint_paths)
-
-
 def latest_committed(run_dir: Path) -> str | None:
     """The complete checkpoint `checkpoint` names in a run directory, or None if there is none.
 
@@ -81,7 +63,7 @@ def latest_committed(run_dir: Path) -> str | None:
     """
     if not (run_dir / paths.CKPT_STATE).is_file():
         return None
-    latest, recorded = checkpoint_state(run_dir)
+    latest, recorded = paths.checkpoint_state(run_dir)
     if latest and Path(latest).resolve().parent != Path(run_dir).resolve():
         raise UserError(f"{run_dir / paths.CKPT_STATE} names {latest}, outside the run: a run"
                         " resumes only from its own checkpoints; fix that file")
@@ -98,7 +80,7 @@ def resume_fix(run_dir: Path, prefix: str) -> str:
     """What to do when the checkpoint a run resumes from is damaged (the end of the error)."""
     from gpt2tf import checkpoints
 
-    _, recorded = checkpoint_state(run_dir)
+    _, recorded = paths.checkpoint_state(run_dir)
     for earlier in reversed([p for p in recorded if p != prefix]):
         try:
             checkpoints.list_checkpoint(earlier)  # complete, by its index and data files' size
@@ -123,15 +105,8 @@ def checkpoint_files(run_dir: Path) -> dict[str, list[Path]]:
 
 
 def write_checkpoint_state(run_dir: Path, prefixes: list[str]) -> None:
-    """Atomically point TF's `checkpoint` file at prefixes[-1] (all of them recorded).
-
-    Relative names, so the run directory stays valid when copied or moved elsewhere.
-    """
-    names = [json.dumps(os.path.basename(p)) for p in prefixes]  # a C-style quoted string
-    text = f"model_checkpoint_path: {names[-1]}\n" + "".join(
-        f"all_model_checkpoint_paths: {n}\n" for n in names
-    )
-    fileio.write_text(run_dir / paths.CKPT_STATE, text)
+    """Atomically point TF's `checkpoint` file at prefixes[-1] (all of them recorded)."""
+    fileio.write_text(run_dir / paths.CKPT_STATE, paths.checkpoint_state_text(prefixes))
 
 
 def read_side_state(prefix: str) -> dict | None:
@@ -237,7 +212,7 @@ class RunCheckpoints:
         # callables run after each save, its commit point and its pruning (gpt2tf.remote's
         # RunMirror uploads the run there: its copy commits only what is committed here)
         self.after_save = []
-        _, recorded = checkpoint_state(self.run_dir) if not replace_others else (None, [])
+        _, recorded = paths.checkpoint_state(self.run_dir) if not replace_others else (None, [])
         self.kept: list[str] = [p for p in recorded if Path(p + ".index").is_file()]
 
     def prefix_of(self, step: int) -> str:
@@ -326,7 +301,7 @@ class RunCheckpoints:
         files = checkpoint_files(self.run_dir).get(prefix)
         if not files:
             return
-        latest, recorded = checkpoint_state(self.run_dir)
+        latest, recorded = paths.checkpoint_state(self.run_dir)
         aside = str(self.run_dir / f"{paths.REPLACED}-{step_of(prefix)}")
         for f in files:
             target = Path(aside + f.name[len(os.path.basename(prefix)):])
