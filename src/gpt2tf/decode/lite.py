@@ -440,7 +440,19 @@ class LiteStep:
     def _fit(self, slots: int) -> None:
         """Grow the cache to the next length that holds `slots` slots (it never shrinks here)."""
         if slots > self._cache_len:
-            self._replan(self._rows, min(s for s in self._lengths if s >= slots), keep=True)
+            self._replan(self._rows, self._length_for(slots), keep=True)
+
+    def _length_for(self, slots: int) -> int:
+        """The shortest cache length (of cache_lengths) that holds `slots` slots."""
+        if not 1 <= slots <= self.hparams.n_ctx:
+            raise ValueError(f"slots must be 1..n_ctx={self.hparams.n_ctx}, got {slots!r}")
+        return min(s for s in self._lengths if s >= slots)
+
+    @staticmethod
+    def _check_rows(rows) -> int:
+        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
+            raise ValueError(f"rows must be a positive integer, got {rows!r}")
+        return int(rows)
 
     # ------------------------------------------------------------------ the public calls
 
@@ -454,13 +466,9 @@ class LiteStep:
         attention reads every slot, so a batch of 8 left at 512 slots would step at 94 ms
         instead of 67 (124M); a re-plan to fewer slots costs a few tens of milliseconds.
         """
-        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
-            raise ValueError(f"rows must be a positive integer, got {rows!r}")
-        if not 1 <= slots <= self.hparams.n_ctx:
-            raise ValueError(f"slots must be 1..n_ctx={self.hparams.n_ctx}, got {slots!r}")
-        length = min(s for s in self._lengths if s >= slots)
+        rows, length = self._check_rows(rows), self._length_for(slots)
         if rows != self._rows or length != self._cache_len:
-            self._replan(int(rows), length, keep=False)
+            self._replan(rows, length, keep=False)
 
     def resize(self, rows: int, slots: int | None = None) -> None:
         """Change the row count keeping rows 0..min(old, new)-1 as they are (the server's rows
@@ -469,15 +477,10 @@ class LiteStep:
         With `slots`, the cache also takes the shortest length that holds that many slots, up
         or down; the kept rows' first `slots` slots are carried over, so every filled slot
         must lie below it."""
-        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
-            raise ValueError(f"rows must be a positive integer, got {rows!r}")
-        length = self._cache_len
-        if slots is not None:
-            if not 1 <= slots <= self.hparams.n_ctx:
-                raise ValueError(f"slots must be 1..n_ctx={self.hparams.n_ctx}, got {slots!r}")
-            length = min(s for s in self._lengths if s >= slots)
+        rows = self._check_rows(rows)
+        length = self._cache_len if slots is None else self._length_for(slots)
         if rows != self._rows or length != self._cache_len:
-            self._replan(int(rows), length, keep=True)
+            self._replan(rows, length, keep=True)
 
     @property
     def rows(self) -> int:

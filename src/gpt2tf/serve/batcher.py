@@ -437,12 +437,13 @@ class ContinuousBatcher(Batcher):
         want = _tile(len(self.slots), self.max_batch)
         # The slots the rows will fill: a running row's newest token, a prefilling row's prompt.
         slots = min(self.n_ctx, max(len(s.tokens) + len(s.pending) + 1 for s in self.slots))
-        if want * 2 <= self.lite.rows:  # half the planned rows idle: plan for fewer (a lone
-            self.lite.resize(want, slots)  # client then runs at batch 1)
-        elif slots * 2 <= self.lite.cache_len:
-            # Attention reads every slot of every row: once the long requests are gone, a
-            # cache they grew to 1024 slots would cost short ones 2x per step (16 rows).
-            self.lite.resize(self.lite.rows, slots)
+        # Half the planned rows idle: plan for fewer (a lone client then runs at batch 1), the
+        # cache fitted to the rows left. Half the cache unneeded: shrink it, since attention
+        # reads every slot of every row (once the long requests are gone, a cache they grew to
+        # 1024 slots would cost short ones 2x per step at 16 rows). Else no re-plan.
+        fewer = want * 2 <= self.lite.rows
+        self.lite.resize(want if fewer else self.lite.rows,
+                         slots if fewer or slots * 2 <= self.lite.cache_len else None)
         rows = self.lite.rows
         tokens = np.zeros([rows], np.int32)  # [rows]; unused rows: token 0 at slot 0, unread
         positions = np.zeros([rows], np.int32)

@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The OverloadLog kinds that close or refuse a connection (gpt2tf.serve.server)
+CONNECTION_REASONS = ("connections", "header_timeout", "body_timeout", "accept")
 SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -39,13 +41,11 @@ class _ConnectionCounters:
     def collect(self):
         family = CounterMetricFamily(
             "gpt2tf_connections_closed", "Connections closed or refused by the server's limits"
-            " (connections: --max_connections; header_timeout, body_timeout)", labels=["reason"])
+            " (connections: --max_connections; header_timeout, body_timeout; accept: out of file"
+            " descriptors)", labels=["reason"])
         for kind in CONNECTION_REASONS:
             family.add_metric([kind], self.counts.get(kind, 0))
         yield family
-
-
-CONNECTION_REASONS = ("connections", "header_timeout", "body_timeout", "accept")
 
 
 class Metrics:
