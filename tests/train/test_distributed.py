@@ -180,16 +180,23 @@ def _error_lines(err: str) -> list[str]:
     return [x for x in err.splitlines() if x.startswith("error:")]
 
 
+def _kill_one(chief: Child, victim: Child, *, survivor: Child) -> str:
+    """kill -9 `victim` once the chief is at step 5: `survivor` exits 1 within the 5 s
+    collective deadline (never a hang) with one error line, returned."""
+    chief.wait_for("[5 |")
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    code, _, err = survivor.finish(timeout=60)
+    assert code == 1, err[-2000:]
+    assert time.monotonic() - killed_at < 30  # the 5 s deadline, not a hang
+    (line,) = _error_lines(err)
+    return line
+
+
 def test_a_killed_worker_ends_the_other_with_an_error_naming_it(tmp_path, models_dir, data):
     chief, worker = _workers(_args(tmp_path, models_dir, data, "dist", batch_size=1,
                                    steps=-1, save_every=2, collective_timeout_s=5))
-    chief.wait_for("[5 |")
-    os.kill(worker.proc.pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    code, _, err = chief.finish(timeout=60)
-    assert code == 1
-    assert time.monotonic() - killed_at < 30  # the 5 s deadline, not a hang
-    (line,) = _error_lines(err)
+    line = _kill_one(chief, worker, survivor=chief)
     assert "worker 1 (127.0.0.1:" in line and "--restore_from latest" in line
     worker.finish()
     run = tmp_path / "checkpoint" / "dist"
@@ -204,13 +211,7 @@ def test_a_killed_chief_ends_the_worker_and_a_restart_continues(tmp_path, models
     args = _args(tmp_path, models_dir, data, "dist", batch_size=1, steps=-1, save_every=2,
                  collective_timeout_s=5)
     chief, worker = _workers(args, layout=_chief_tf_config)
-    chief.wait_for("[5 |")
-    os.kill(chief.proc.pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    code, _, err = worker.finish(timeout=60)
-    assert code == 1, err[-2000:]
-    assert time.monotonic() - killed_at < 30  # the 5 s deadline, not a hang
-    (line,) = _error_lines(err)
+    line = _kill_one(chief, chief, survivor=worker)
     assert "lost contact with chief (127.0.0.1:" in line and "--restore_from latest" in line
     chief.finish()
     run = tmp_path / "checkpoint" / "dist"
