@@ -39,9 +39,11 @@ def _logits_along(gen, tokens):
     return np.stack(out)
 
 
-def test_fp32_fast_path_equals_the_graph_at_every_step(model_dir):
-    with Generator(model_dir) as gen, Generator(model_dir, engine="graph") as ref:
+@pytest.mark.parametrize("engine, runtime", [("auto", "native"), ("tflite", "tflite")])
+def test_fp32_fast_path_equals_the_graph_at_every_step(model_dir, engine, runtime):
+    with Generator(model_dir, engine=engine) as gen, Generator(model_dir, engine="graph") as ref:
         assert gen.engine_name == "fast" and ref.engine_name == "graph"
+        assert gen.engine.backend.runtime == runtime
         prompts = [[5, 6, 7], [9] * 11, [1]]
         fast_tokens = _greedy(gen, prompts, 150)  # past n_ctx: the window slides
         assert (fast_tokens == _greedy(ref, prompts, 150)).all()
@@ -66,15 +68,19 @@ def test_int8_and_bf16_stay_close(model_dir, precision):
 
 
 def test_a_changed_checkpoint_is_never_decoded_with_a_stale_cache(model_dir):
-    with Generator(model_dir) as gen:
+    # TFLite's conversion is the cache (the native step packs the weights it reads at start)
+    with Generator(model_dir, engine="tflite") as gen, Generator(model_dir) as native:
         before = _greedy(gen, [[3, 4]], 20)
+        assert (_greedy(native, [[3, 4]], 20) == before).all()
     cached = list((model_dir / paths.DECODE_CACHE).glob("decode-fp32-*.tflite"))
     assert len(cached) == 1
     # a new checkpoint under the same name, as a training step saved over it would be
     checkpoints.save_weights(str(model_dir / paths.CKPT_PREFIX), HP, _weights(2))
-    with Generator(model_dir) as gen, Generator(model_dir, engine="graph") as ref:
+    with Generator(model_dir, engine="tflite") as gen, Generator(model_dir) as native, \
+            Generator(model_dir, engine="graph") as ref:
         after = _greedy(gen, [[3, 4]], 20)
         assert (after == _greedy(ref, [[3, 4]], 20)).all()
+        assert (after == _greedy(native, [[3, 4]], 20)).all()
     assert not (after == before).all()
     now = list((model_dir / paths.DECODE_CACHE).glob("decode-fp32-*.tflite"))
     assert len(now) == 1 and now != cached  # the stale conversion is gone
@@ -86,12 +92,14 @@ def test_an_unwritable_cache_still_generates(model_dir, tmp_path, monkeypatch):
     blocked = tmp_path / "blocked"
     blocked.write_text("")
     monkeypatch.setenv(paths.CACHE_ENV, str(blocked / "cache"))
-    with Generator(model_dir) as gen, Generator(model_dir, engine="graph") as ref:
-        assert gen.engine_name == "fast"
+    with Generator(model_dir, engine="tflite") as gen, Generator(model_dir) as native, \
+            Generator(model_dir, engine="graph") as ref:
+        assert gen.engine_name == "fast" and native.engine.backend.runtime == "native"
         assert (_greedy(gen, [[3]], 10) == _greedy(ref, [[3]], 10)).all()
+        assert (_greedy(native, [[3]], 10) == _greedy(ref, [[3]], 10)).all()
     # with a writable user cache, the conversion lands there instead
     monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
-    with Generator(model_dir) as gen:
+    with Generator(model_dir, engine="tflite") as gen:
         _greedy(gen, [[3]], 2)
     assert list((tmp_path / "cache").rglob("decode-fp32-*.tflite"))
 

@@ -1,8 +1,9 @@
-"""decode/lite.py against the TF graph: the TFLite step and prefill give GPT-2's logits.
+"""The decode steppers against the TF graph: TFLite's (decode/lite.py) and the native one
+(decode/native.py), which share one interface, give GPT-2's logits in step and prefill.
 
 Tiny models with random weights of std 0.3 (biases and gains too, so a misplaced one shows).
-Every logit the lite model returns is checked against gpt2tf.model's full forward pass
-(cache=None) over the same tokens, at the same position.
+Every logit a stepper returns is checked against gpt2tf.model's full forward pass
+(cache=None) over the same tokens, at the same position. Tests of the interface run on both.
 """
 
 import warnings
@@ -13,7 +14,7 @@ import tensorflow as tf
 from tiny import tiny
 
 from gpt2tf import checkpoints, model
-from gpt2tf.decode import lite
+from gpt2tf.decode import lite, native
 from gpt2tf.errors import UserError
 
 HP = tiny(n_ctx=320)  # room for a 300-token decode; cache lengths 128, 256, 320
@@ -39,6 +40,14 @@ def fp32_model(weights) -> bytes:
 @pytest.fixture(scope="module")
 def int8_model(weights) -> bytes:
     return lite.build(weights, HP, precision="int8")
+
+
+@pytest.fixture(params=["tflite", "native"])
+def make(request, fp32_model, weights):
+    """stepper(threads=2): a LiteStep over fp32_model or a NativeStep over the same weights."""
+    if request.param == "tflite":
+        return lambda threads=2: lite.LiteStep(fp32_model, HP, threads=threads)
+    return lambda threads=2: native.NativeStep(weights, HP, threads=threads)
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +95,10 @@ def test_chunk_sizes():
     assert lite.chunk_sizes(16) == (16,)
 
 
-def test_a_prompt_in_chunks_of_any_size(fp32_model, reference):
+def test_a_prompt_in_chunks_of_any_size(make, reference):
     """Chunks of a row's prompt at their positions, beside another row, equal the full forward
     pass (the server prefills long prompts a chunk at a time between decode steps)."""
-    step = lite.LiteStep(fp32_model, HP)
+    step = make()
     step.start(2)
     rng = np.random.default_rng(9)
     prompt = list(rng.integers(0, HP.n_vocab, 170))
@@ -112,8 +121,8 @@ def test_a_prompt_in_chunks_of_any_size(fp32_model, reference):
     assert lite.cache_lengths(64) == (64,)
 
 
-def test_fp32_300_steps_equal_the_graph(fp32_model, reference):
-    step = lite.LiteStep(fp32_model, HP, threads=1)
+def test_fp32_300_steps_equal_the_graph(make, reference):
+    step = make(threads=1)
     prompt = [5, 200, 17, 99, 3, 42, 256]
     (seq,), (got,) = greedy(step, [prompt], 300)
     want = reference(seq)[len(prompt) - 1:]  # [301, V]: after the prompt and each new token
@@ -122,9 +131,9 @@ def test_fp32_300_steps_equal_the_graph(fp32_model, reference):
     np.testing.assert_allclose(got, want, rtol=0, atol=EXACT)
 
 
-def test_rows_at_their_own_positions(fp32_model, reference):
+def test_rows_at_their_own_positions(make, reference):
     """Rows 5 and 17 tokens in, through the 128-slot boundary, each equal to its own run."""
-    step = lite.LiteStep(fp32_model, HP, threads=2)
+    step = make(threads=2)
     rng = np.random.default_rng(3)
     prompts = [list(rng.integers(0, HP.n_vocab, n)) for n in (5, 17)]
     seqs, got = greedy(step, prompts, 120)  # row 1 reaches position 136
@@ -133,8 +142,8 @@ def test_rows_at_their_own_positions(fp32_model, reference):
         assert max_error(reference, prompt, seq, g) < EXACT
 
 
-def test_copy_row_and_a_new_row_count(fp32_model, reference):
-    step = lite.LiteStep(fp32_model, HP)
+def test_copy_row_and_a_new_row_count(make, reference):
+    step = make()
     greedy(step, [[1, 2, 3], [4, 5, 6, 7]], 130)  # leaves stale slots in a 256-slot cache
     step.start(3)
     assert (step.rows, step.cache_len) == (3, 128)
@@ -154,10 +163,10 @@ def test_copy_row_and_a_new_row_count(fp32_model, reference):
     assert max_error(reference, prompt[:4], seq, got) < EXACT
 
 
-def test_start_plans_the_cache_for_the_prompts(fp32_model, reference):
+def test_start_plans_the_cache_for_the_prompts(make, reference):
     """A generation's grown cache is not kept for the next one with the same rows (attention
     would read every slot); start() sizes it for the longest prompt, so prefill never grows it."""
-    step = lite.LiteStep(fp32_model, HP)
+    step = make()
     greedy(step, [[1, 2, 3], [4, 5, 6, 7]], 130)
     assert (step.rows, step.cache_len) == (2, 256)
     step.start(2)
@@ -171,8 +180,8 @@ def test_start_plans_the_cache_for_the_prompts(fp32_model, reference):
         step.start(2, HP.n_ctx + 1)
 
 
-def test_long_prompt_and_growth_in_prefill(fp32_model, reference):
-    step = lite.LiteStep(fp32_model, HP)
+def test_long_prompt_and_growth_in_prefill(make, reference):
+    step = make()
     prompt = list(np.random.default_rng(4).integers(0, HP.n_vocab, 200))  # bucket 320
     (seq,), (got,) = greedy(step, [prompt], 60)  # 200 -> 260: grows 256 -> 320 mid-decode
     assert step.cache_len == 320
@@ -197,12 +206,17 @@ def test_int8_stays_close_to_fp32(fp32_model, int8_model):
     assert agree >= 0.8, agree
 
 
-def test_bad_calls(fp32_model, weights):
+def test_bad_builds(fp32_model, weights):
     with pytest.raises(UserError, match="precision"):
         lite.build(weights, HP, precision="fp16")
     with pytest.raises(ValueError, match="layout"):
         lite.LiteStep(fp32_model, tiny(n_ctx=320, n_layer=3))
-    step = lite.LiteStep(fp32_model, HP)
+    with pytest.raises(UserError, match="n_layer=3"):
+        native.NativeStep(weights, tiny(n_ctx=320, n_layer=3))
+
+
+def test_bad_calls(make):
+    step = make()
     step.start(2)
     with pytest.raises(UserError, match="n_ctx"):
         step.prefill(0, [1] * (HP.n_ctx + 1))

@@ -111,7 +111,7 @@ def test_metrics_parse_and_move(served):
 def test_a_row_numbers_do_not_depend_on_how_many_rows_share_the_step(served):
     """Why no padding is needed: XNNPACK computes each row alike whatever the row count."""
     _, gen = served
-    lite = gen.engine.backend.lite
+    lite = gen.engine.backend.stepper
     outputs = []
     for rows in (1, 3, 8):
         lite.start(rows)
@@ -152,7 +152,7 @@ def test_a_lone_request_runs_at_batch_one_after_a_busy_spell(served):
     with ThreadPoolExecutor(3) as pool:
         list(pool.map(lambda i: _complete(url, max_tokens=40, seed=i, ignore_eos=True), range(3)))
     _complete(url, max_tokens=5, seed=9, ignore_eos=True)
-    assert gen.engine.backend.lite.rows == 1  # no idle rows computed for a lone client
+    assert gen.engine.backend.stepper.rows == 1  # no idle rows computed for a lone client
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_the_others_steps(tmp_path_factory):
@@ -167,7 +167,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_others_steps(tmp_path_
                "ignore_eos": True}]
     with Generator(model) as gen:
         service = serve_app.Service(gen, model_id="tiny", limits=limits)
-        lite = service.batcher.lite
+        lite = service.batcher.stepper
         calls = []
         extend, step = lite.extend, lite.step
         lite.extend = lambda row, tokens, start: calls.append(("extend", len(tokens))) or \
@@ -196,7 +196,7 @@ def test_the_cache_shrinks_once_long_requests_are_gone(tmp_path):
     model = checkpoints.init_model_dir(tmp_path / "tiny", tiny(n_ctx=512, n_head=2), seed=3)
     with Generator(model) as gen:
         service = serve_app.Service(gen, model_id="tiny", limits=LIMITS)
-        lite = service.batcher.lite
+        lite = service.batcher.stepper
         with serve_server.serve_in_thread(service.app()) as url:
             short = {"max_tokens": 20, "seed": 4, "temperature": 0.8, "ignore_eos": True}
             before = _complete(url, **short)["text"]

@@ -100,47 +100,72 @@ def _remove_stale(folder: Path, precision: str, keep: str) -> None:
             old.unlink(missing_ok=True)
 
 
-class LiteBackend:
-    """The engine's backend over a LiteStep: rows at their own positions, prompts prefilled."""
+class FastBackend:
+    """The engine's backend over a stepper (a NativeStep or a LiteStep, which share one
+    interface): rows at their own positions, prompts prefilled."""
 
-    def __init__(self, step, hparams: HParams):
-        self.lite = step
+    def __init__(self, stepper, hparams: HParams):
+        self.stepper = stepper
         self.hparams = hparams
+        self.runtime = RUNTIMES[type(stepper).__name__]
         self.positions = np.zeros([0], np.int32)  # [B] the slot each row's next token goes to
 
     def start(self, contexts: list[list[int]]) -> np.ndarray:
         # room for the longest prompt and its first new token, so prefill never grows it
-        self.lite.start(len(contexts), min(self.hparams.n_ctx, max(map(len, contexts)) + 1))
+        self.stepper.start(len(contexts), min(self.hparams.n_ctx, max(map(len, contexts)) + 1))
         logits = np.empty([len(contexts), self.hparams.n_vocab], np.float32)  # [B, V]
         first: dict[tuple, int] = {}  # rows that share a prompt share its prefill
         for row, context in enumerate(contexts):
             key = tuple(context)
             if key in first:
-                self.lite.copy_row(first[key], row, len(context))
+                self.stepper.copy_row(first[key], row, len(context))
                 logits[row] = logits[first[key]]
             else:
-                logits[row] = self.lite.prefill(row, context)
+                logits[row] = self.stepper.prefill(row, context)
                 first[key] = row
         self.positions = np.array([len(c) for c in contexts], np.int32)
         return logits
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
-        logits = self.lite.step(np.asarray(tokens, np.int32), self.positions)
+        logits = self.stepper.step(np.asarray(tokens, np.int32), self.positions)
         self.positions = self.positions + 1
         return logits
 
 
+RUNTIMES = {"NativeStep": "native", "LiteStep": "tflite"}
+
+
+def _open_native(source: ModelSource, prefix: str, threads: int, lora):
+    from gpt2tf.decode import native
+
+    native.load_library()  # before reading the weights: where it cannot run, fail fast
+    weights = lora.merged_weights() if lora is not None else checkpoints.read_weights(prefix)
+    return native.NativeStep(weights, source.hparams, threads=threads)
+
+
 def open_backend(source: ModelSource, prefix: str, precision: str, *,
-                 threads: int | None = None, lora=None) -> LiteBackend | None:
-    """The fast backend, or None (after a one-line note) where it cannot run here."""
+                 threads: int | None = None, lora=None,
+                 runtime: str = "auto") -> FastBackend | None:
+    """The fast backend, or None (after a one-line note) where it cannot run here.
+
+    fp32 takes the native step where it builds (runtime "auto"; see gpt2tf.decode.native),
+    else TFLite; int8 always takes TFLite. runtime "tflite" skips the native step."""
+    threads = threads or os.cpu_count() or 1
+    if precision == "fp32" and runtime == "auto":
+        from gpt2tf.decode.native import NativeUnavailable
+
+        try:
+            return FastBackend(_open_native(source, prefix, threads, lora), source.hparams)
+        except NativeUnavailable as e:
+            log.info("the native decode step cannot run here (%s): decoding with TFLite", e)
     try:
         from gpt2tf.decode import lite
 
         model = prepared_model(source, prefix, precision, lora=lora)
-        step = lite.LiteStep(model, source.hparams, threads=threads or os.cpu_count() or 1)
+        step = lite.LiteStep(model, source.hparams, threads=threads)
     except (ImportError, RuntimeError, ValueError, OSError, MemoryError) as e:
         log.warning("the fast decode path cannot run here (%s: %s): generating with the TF"
                     " graph%s", type(e).__name__, str(e).splitlines()[0] if str(e) else "",
                     " in fp32" if precision != "fp32" else "")
         return None
-    return LiteBackend(step, source.hparams)
+    return FastBackend(step, source.hparams)

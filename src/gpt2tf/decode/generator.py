@@ -29,14 +29,19 @@ def session_config(threads: int | None = None) -> tf1.ConfigProto:
     return config
 
 
+ENGINES = ("auto", "tflite", "graph")
+
+
 class Generator:
     """A loaded model that samples text.
 
-    Generation runs on the fast path (gpt2tf.decode.fast: the checkpoint converted for
-    TFLite/XNNPACK, cached beside it) in fp32 (exact) or int8 weights; bf16 runs the TF graph
+    Generation runs on the fast path (gpt2tf.decode.fast) in fp32 (exact) or int8 weights:
+    fp32 on the native step (gpt2tf.decode.native) where it builds, else on the checkpoint
+    converted for TFLite/XNNPACK (cached beside it); int8 on TFLite. bf16 runs the TF graph
     with bfloat16 matmuls. Where the fast path cannot run, the TF graph takes over with a one-line
     note. The TF graph (own tf.Graph and tf.Session) is built only when something needs it:
-    `logits`, bf16, the fallback, or engine="graph".
+    `logits`, bf16, the fallback, or engine="graph". engine="tflite" takes TFLite for fp32 too
+    (to compare the two).
 
     A LoRA run (gpt2tf.lora) loads as its base plus its adapters: the fast path converts the
     merged weights (its cache key covers the adapters' checkpoint and the base), the TF graph
@@ -67,14 +72,14 @@ class Generator:
         self._graph = None
         self._graph_lock = threading.Lock()
         backend = None
-        if engine not in ("auto", "graph"):
-            raise FieldError("engine", f"must be auto or graph, got {engine!r}")
-        if engine == "auto" and self.precision in fast.PRECISIONS:
+        if engine not in ENGINES:
+            raise FieldError("engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
+        if engine != "graph" and self.precision in fast.PRECISIONS:
             backend = fast.open_backend(self.source, self.checkpoint, self.precision,
-                                        threads=threads, lora=self.lora)
+                                        threads=threads, lora=self.lora, runtime=engine)
         if backend is None:
             backend = self._graph_parts().backend
-        self.engine_name = "fast" if isinstance(backend, fast.LiteBackend) else "graph"
+        self.engine_name = "fast" if isinstance(backend, fast.FastBackend) else "graph"
         self.engine = DecodeEngine(backend, self.hparams, self.encoder)
 
     def _graph_parts(self) -> "_Graph":
@@ -160,7 +165,7 @@ class Generator:
         return g.session.run(g.targets, {g.tokens: ids})
 
     def _stepped_logprobs(self, ids: np.ndarray) -> np.ndarray:
-        lite = self.engine.backend.lite
+        lite = self.engine.backend.stepper
         lite.start(len(ids), min(ids.shape[1], self.hparams.n_ctx))
         out = np.zeros([ids.shape[0], ids.shape[1] - 1])  # [B, T-1]
         for t in range(ids.shape[1] - 1):

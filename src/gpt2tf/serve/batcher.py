@@ -301,10 +301,10 @@ class ContinuousBatcher(Batcher):
     """Iteration-level batching over the fast decode path: a request's rows join the running
     batch at the next step when there is room and leave as soon as they finish.
 
-    Every running row sits at its own position in its own cache row (LiteStep keeps them
-    apart), a new prompt is prefilled into a free row between two steps, and a row's numbers
-    never depend on how many rows share a step (XNNPACK computes each row alike whatever the
-    row count; tests check it bit for bit), so a seeded request gives the same text alone or
+    Every running row sits at its own position in its own cache row (the backend's stepper
+    keeps them apart), a new prompt is prefilled into a free row between two steps, and a row's
+    numbers never depend on how many rows share a step (the native step and XNNPACK both
+    compute each row alike whatever the row count; tests check it bit for bit), so a seeded request gives the same text alone or
     under load with no padding. The step is planned for a power-of-two row count (re-planning
     costs tens of milliseconds), shrinking when few rows remain.
     """
@@ -313,7 +313,7 @@ class ContinuousBatcher(Batcher):
 
     def __init__(self, gen, *, max_batch: int, queue_size: int, **_):
         super().__init__(gen, max_batch=max_batch, queue_size=queue_size)
-        self.lite = gen.engine.backend.lite
+        self.stepper = gen.engine.backend.stepper
         self.n_ctx = gen.hparams.n_ctx
         self.keep = self.n_ctx - self.n_ctx // 4  # the window slides as in DecodeEngine
         self.slots: list[_Slot] = []
@@ -368,8 +368,8 @@ class ContinuousBatcher(Batcher):
                 return None
             row = self._pending.popleft()
         n = len(self.slots)
-        if self.lite.rows < n + 1:
-            self.lite.resize(_tile(n + 1, self.max_batch))
+        if self.stepper.rows < n + 1:
+            self.stepper.resize(_tile(n + 1, self.max_batch))
         slot = _Slot(row, row.context[-(self.n_ctx - 1):])  # room for the first new token
         self.slots.append(slot)
         return slot
@@ -378,11 +378,11 @@ class ContinuousBatcher(Batcher):
         """Prefill the next chunk of a slot's prompt (all of it if `whole`); a failure fails
         this row alone (its slot is dropped; its cache row is refilled by the next one)."""
         i = self.slots.index(slot)
-        size = self.lite.chunk_size
+        size = self.stepper.chunk_size
         try:
             while slot.pending:
                 chunk, slot.pending = slot.pending[:size], slot.pending[size:]
-                logits = self.lite.extend(i, chunk, len(slot.tokens))  # [V]
+                logits = self.stepper.extend(i, chunk, len(slot.tokens))  # [V]
                 slot.tokens += chunk
                 if not whole:
                     break
@@ -425,7 +425,7 @@ class ContinuousBatcher(Batcher):
         for dst, slot in enumerate(kept):
             src = self.slots.index(slot)
             if src != dst:
-                self.lite.copy_row(src, dst, slot.cached)
+                self.stepper.copy_row(src, dst, slot.cached)
         self.slots = kept
 
     def _step(self) -> None:
@@ -441,10 +441,10 @@ class ContinuousBatcher(Batcher):
         # cache fitted to the rows left. Half the cache unneeded: shrink it, since attention
         # reads every slot of every row (once the long requests are gone, a cache they grew to
         # 1024 slots would cost short ones 2x per step at 16 rows). Else no re-plan.
-        fewer = want * 2 <= self.lite.rows
-        self.lite.resize(want if fewer else self.lite.rows,
-                         slots if fewer or slots * 2 <= self.lite.cache_len else None)
-        rows = self.lite.rows
+        fewer = want * 2 <= self.stepper.rows
+        self.stepper.resize(want if fewer else self.stepper.rows,
+                         slots if fewer or slots * 2 <= self.stepper.cache_len else None)
+        rows = self.stepper.rows
         tokens = np.zeros([rows], np.int32)  # [rows]; unused rows: token 0 at slot 0, unread
         positions = np.zeros([rows], np.int32)
         slid = set()
@@ -454,7 +454,7 @@ class ContinuousBatcher(Batcher):
                 slid.add(i)
             elif len(slot.tokens) - 1 >= self.n_ctx:  # the newest token has no slot left
                 slot.tokens = slot.tokens[-self.keep:]
-                slot.logits = self.lite.prefill(i, slot.tokens)
+                slot.logits = self.stepper.prefill(i, slot.tokens)
                 slid.add(i)
                 # The step below writes a throwaway at this row's next free slot, which its
                 # own next step overwrites before anything attends to it.
@@ -462,7 +462,7 @@ class ContinuousBatcher(Batcher):
             else:
                 tokens[i], positions[i] = slot.tokens[-1], len(slot.tokens) - 1
         if len(slid) < len(self.slots):
-            logits = self.lite.step(tokens, positions)  # [rows, V]
+            logits = self.stepper.step(tokens, positions)  # [rows, V]
             for i, slot in enumerate(self.slots):
                 if i not in slid:
                     slot.logits = logits[i]
