@@ -4,8 +4,9 @@
 A random 124M-shaped model (speed does not depend on weight values), this machine's CPU.
 gpt2tf is measured once per decode path (--precisions):
 
-    fp32   gpt2tf-fp32        the fast path (TFLite/XNNPACK), fp32 weights
-    int8   gpt2tf-int8        the fast path, int8 weights (dynamic range, per channel)
+    fp32   gpt2tf-fp32        the fast path in fp32: the native step (decode/native.cc)
+    tflite gpt2tf-tflite-fp32 the fast path in fp32 on TFLite/XNNPACK (engine="tflite")
+    int8   gpt2tf-int8        the fast path, int8 weights on TFLite (dynamic range, per channel)
     bf16   gpt2tf-bf16        the TF graph with bfloat16 matmuls
     graph  gpt2tf-graph-fp32  the TF graph in fp32 (engine="graph", the old path; a reference)
 
@@ -29,7 +30,7 @@ batch 8 ~15%). The bf16 graph casts its float32 variables to bf16 each step, so 
 than its nominal 2 bytes: its figure says how far it is from what bf16 weights could give.
 
     python benchmarks/bench_generate.py [--tokens 256] [--batches 1,8] [--rounds 3]
-        [--precisions fp32,int8,bf16,graph] [--skip hf,g2s,convert] [--threads N]
+        [--precisions fp32,tflite,int8,bf16,graph] [--skip hf,g2s,convert] [--threads N]
         [--json bench_out/generate.json]
     python benchmarks/bench_generate.py --tokens 16 --rounds 1 --skip g2s   # a quick check
 
@@ -58,11 +59,12 @@ DECODE_CACHE = ".gpt2tf-decode"  # gpt2tf.paths.DECODE_CACHE (the parent does no
 # --precisions name -> (system name, Generator precision, Generator engine)
 OURS_SYSTEMS = {
     "fp32": ("gpt2tf-fp32", "fp32", "auto"),
+    "tflite": ("gpt2tf-tflite-fp32", "fp32", "tflite"),
     "int8": ("gpt2tf-int8", "int8", "auto"),
     "bf16": ("gpt2tf-bf16", "bf16", "auto"),
     "graph": ("gpt2tf-graph-fp32", "fp32", "graph"),
 }
-FAST = {"fp32", "int8"}  # the precisions the fast path converts (gpt2tf.decode.fast.PRECISIONS)
+FAST = {"fp32", "tflite", "int8"}  # the fast path's: a conversion (TFLite) or a build (native)
 REFERENCES = ("transformers", "gpt-2-simple")
 # (system, batch, reference, ratio): the goals, each reported met / not met
 TARGETS = [
@@ -162,7 +164,8 @@ def call(b):
 
 print("READY " + json.dumps({
     "load_s": load, "construct_s": construct, "first_token_s": first,
-    "first_token_warm_s": warm_first, "engine": gen.engine_name, "precision": gen.precision,
+    "first_token_warm_s": warm_first, "precision": gen.precision,
+    "engine": getattr(gen.engine.backend, "runtime", gen.engine_name),
     "threads": threads, "tf": tf.__version__}), flush=True)
 """ % {"prompt": PROMPT, "temp": TEMPERATURE} + WARM_THEN_TIME + WORKER_LOOP
 
@@ -174,10 +177,11 @@ import_tensorflow()
 from gpt2tf.decode.generator import Generator
 threads = int(sys.argv[3]) or None
 t = time.perf_counter()
-gen = Generator(sys.argv[1], precision=sys.argv[2], threads=threads)
+gen = Generator(sys.argv[1], precision=sys.argv[2], threads=threads, engine=sys.argv[4])
 dt = time.perf_counter() - t
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-print("DONE " + json.dumps({"convert_s": dt, "engine": gen.engine_name, "peak_rss_gb": rss}),
+engine = getattr(gen.engine.backend, "runtime", gen.engine_name)
+print("DONE " + json.dumps({"convert_s": dt, "engine": engine, "peak_rss_gb": rss}),
       flush=True)
 """
 
@@ -277,25 +281,28 @@ class Worker:
         self.proc.wait()
 
 
-def measure_conversion(mdir: Path, precision: str, threads: int, log_dir: Path) -> dict:
+def measure_conversion(mdir: Path, key: str, threads: int, log_dir: Path) -> dict:
     """The first Generator() of `precision` on a fresh cache, in its own process.
 
     The model folder's cached conversions of this precision are deleted, and the user cache is
-    pointed at an empty folder (fast.prepared_model also looks there). The new file stays in the
-    model folder, so the timed workers load it warm.
+    pointed at an empty folder (fast.prepared_model also looks there, and the native step builds
+    its library there: its figure is that build plus packing the weights). The new file stays in
+    the model folder, so the timed workers load it warm.
     """
+    _, precision, engine = OURS_SYSTEMS[key]
     for old in (mdir / DECODE_CACHE).glob(f"decode-{precision}-*.tflite"):
-        old.unlink()
+        if key != "fp32":  # the native step converts nothing; the tflite worker needs it
+            old.unlink()
     print(f"converting {precision} (fresh cache) ...", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory() as empty, open(log_dir / f"convert-{precision}.log", "w") as err:
+    with tempfile.TemporaryDirectory() as empty, open(log_dir / f"convert-{key}.log", "w") as err:
         proc = subprocess.run(
-            [sys.executable, "-c", CONVERT, str(mdir), precision, str(threads)],
+            [sys.executable, "-c", CONVERT, str(mdir), precision, str(threads), engine],
             env=_env(GPT2TF_CACHE_DIR=empty), stdout=subprocess.PIPE, stderr=err, text=True,
             check=False,
         )
     done = [ln for ln in proc.stdout.splitlines() if ln.startswith("DONE ")]
     if proc.returncode or not done:
-        tail = (log_dir / f"convert-{precision}.log").read_text()[-2000:]
+        tail = (log_dir / f"convert-{key}.log").read_text()[-2000:]
         raise RuntimeError(f"converting {precision} failed ({proc.returncode}):\n{tail}")
     out = json.loads(done[-1][len("DONE "):])
     files = list((mdir / DECODE_CACHE).glob(f"decode-{precision}-*.tflite"))
@@ -377,7 +384,7 @@ def summarise(a, workers, runs, bws, conversions, hp) -> dict:
         if key is not None:
             entry["requested_precision"] = OURS_SYSTEMS[key][1]
             entry["conversion"] = conversions.get(key)
-            nominal = "fp32" if key == "graph" else key
+            nominal = OURS_SYSTEMS[key][1]  # the weights it stores
             entry["weight_mb_per_step"] = weight_bytes(hp, nominal) / 1e6
         for b in a.batches:
             xs = runs[(w.name, b)]
@@ -406,7 +413,8 @@ def check_targets(systems: dict) -> list[dict]:
         status = "not measured" if got is None else ("met" if got >= want else "not met")
         note = ""
         engine = systems.get(name, {}).get("engine")
-        if name in ("gpt2tf-fp32", "gpt2tf-int8") and engine not in (None, "fast"):
+        if name in ("gpt2tf-fp32", "gpt2tf-tflite-fp32", "gpt2tf-int8") and \
+                engine not in (None, "native", "tflite"):
             note = f"ran on the {engine} engine: the fast path was unavailable (see its log)"
         out.append({"system": name, "batch": b, "vs": ref, "target": want, "ratio": got,
                     "status": status, "note": note})
@@ -463,7 +471,7 @@ def parse_args():
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--precisions", default="fp32,int8,bf16,graph",
+    ap.add_argument("--precisions", default="fp32,tflite,int8,bf16,graph",
                     help="comma list of gpt2tf paths: " + ", ".join(OURS_SYSTEMS))
     ap.add_argument("--skip", default="", help="comma list of: g2s, hf, convert (reuse the cache)")
     ap.add_argument("--threads", type=int, default=0,

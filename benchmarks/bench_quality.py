@@ -6,7 +6,8 @@ model that learnt something. So this trains one (once, then cached): a small GPT
 256 wide, 4 heads, window 256, GPT-2's vocabulary) from scratch on the first 95% of
 tinyshakespeare with the project's own `init` and train.py. The last 5% is held out. Then, for
 each precision, through that precision's own decode path (Generator(precision=...): fp32 and
-int8 on the fast path, bf16 on the TF graph):
+bf16 on the native step, int8 on TFLite; bf16 on the TF graph where the native step cannot
+run):
 
 - validation loss by teacher forcing: the held-out tokens, in windows of n_ctx + 1, are fed one
   by one through backend.start / backend.step (several windows as rows at once) and the logits

@@ -32,15 +32,17 @@ each part-3 run: rows/step = tokens sampled / decode steps (a request's first to
 its prefill, so one client shows slightly over 1); /metrics is saved at the end. The clients
 run in this process, on the same CPUs as the server (they are light: a few ms per request).
 
---max_batch defaults to 16 (= --clients; serve.py's own default is 8). bf16 runs the TF
-graph, where the server batches statically (a batch runs to its end; new requests wait), so
-parts 3 and 4 show that scheduler, not continuous batching; part 4 is then flagged invalid when
-the long request ends before the short ones.
+--max_batch defaults to 16 (= --clients; serve.py's own default is 8). fp32 and bf16 run on
+the native decode step (gpt2tf/decode/native.cc) where it builds, int8 on TFLite; where only
+the TF graph runs, the server batches statically (a batch runs to its end; new requests wait),
+so parts 3 and 4 show that scheduler, not continuous batching; part 4 is then flagged invalid
+when the long request ends before the short ones.
 
-The first load of a model at a precision converts it for the fast path (124M: 1.5-3 minutes
-and ~9 GB of RAM; the CLI worker does it, before the server starts) and caches it in
-<model>/.gpt2tf-decode/; later runs reuse it. --model_dir serves an existing model instead
-(e.g. bench_generate.py's <bench dir>/models/124M, whose conversions are already cached).
+The first load of a model in int8 (or in fp32 without the native step) converts it for TFLite
+(124M: 1.5-3 minutes and ~9 GB of RAM; the CLI worker does it, before the server starts) and
+caches it in <model>/.gpt2tf-decode/; later runs reuse it. --model_dir serves an existing
+model instead (e.g. bench_generate.py's <bench dir>/models/124M, whose conversions are
+already cached).
 
     python benchmarks/bench_serve.py [--precision fp32|int8|bf16] [--rounds 3]
         [--requests 64] [--tokens 64] [--clients 16] [--max_batch 16]
@@ -146,7 +148,8 @@ first_s, _ = call()
 def rss():  # ru_maxrss is in KiB on Linux: this worker's peak so far
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
-print("READY " + json.dumps({"load_s": load, "first_call_s": first_s, "engine": gen.engine_name,
+print("READY " + json.dumps({"load_s": load, "first_call_s": first_s,
+                             "engine": getattr(gen.engine.backend, "runtime", gen.engine_name),
                              "precision": gen.precision, "peak_rss_gb": rss()}), flush=True)
 for line in sys.stdin:
     dt, n = call()

@@ -14,7 +14,7 @@ import tensorflow as tf
 from tiny import tiny
 
 from gpt2tf import checkpoints, model
-from gpt2tf.decode import lite, native
+from gpt2tf.decode import lite, native, stepper
 from gpt2tf.errors import UserError
 
 HP = tiny(n_ctx=320)  # room for a 300-token decode; cache lengths 128, 256, 320
@@ -116,9 +116,9 @@ def test_a_prompt_in_chunks_of_any_size(make, reference):
     np.testing.assert_allclose(logits[1], reference(other + [4])[-1], atol=EXACT)
     with pytest.raises(ValueError, match="chunk"):
         step.extend(0, [1] * 129, 0)
-    assert lite.cache_lengths(1024) == (128, 256, 512, 1024)
-    assert lite.cache_lengths(320) == (128, 256, 320)
-    assert lite.cache_lengths(64) == (64,)
+    assert stepper.cache_lengths(1024) == (128, 256, 512, 1024)
+    assert stepper.cache_lengths(320) == (128, 256, 320)
+    assert stepper.cache_lengths(64) == (64,)
 
 
 def test_fp32_300_steps_equal_the_graph(make, reference):

@@ -44,6 +44,31 @@ def test_a_rows_logits_are_bitwise_the_same_among_any_rows(weights):
         assert np.array_equal(got, alone), rows
 
 
+def test_a_step_with_a_prompt_chunk_equals_them_apart(weights):
+    """step_rows: two rows' step and a third row's prompt chunk in one pass give, to the bit,
+    what a separate extend and step give (the server admits prompts this way), and leave the
+    same cache."""
+    rng = np.random.default_rng(1)
+    p0, p1, p2 = (list(rng.integers(0, HP.n_vocab, n)) for n in (5, 9, 20))
+    together, apart = native.NativeStep(weights, HP), native.NativeStep(weights, HP)
+    for step in (together, apart):
+        step.start(3, 40)
+        step.prefill(0, p0)
+        step.prefill(1, p1)
+    rows, tokens, positions = np.array([0, 1]), np.array([3, 4]), np.array([5, 9])
+    logits, last = together.step_rows(rows, tokens, positions, (2, p2, 0))
+    want_last = apart.extend(2, p2, 0)
+    want, none = apart.step_rows(rows, tokens, positions)
+    assert none is None
+    assert np.array_equal(logits, want) and np.array_equal(last, want_last)
+    nxt = (np.array([7, 8, 9]), np.array([6, 10, 20]))
+    assert np.array_equal(together.step(*nxt), apart.step(*nxt))
+    with pytest.raises(ValueError, match="both steps"):
+        together.step_rows(rows, tokens, positions + 2, (1, [1], 11))
+    with pytest.raises(ValueError, match="distinct"):
+        together.step_rows(np.array([0, 0]), tokens, positions)
+
+
 def test_the_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(native, "_library", None)

@@ -109,7 +109,7 @@ def test_metrics_parse_and_move(served):
 
 
 def test_a_row_numbers_do_not_depend_on_how_many_rows_share_the_step(served):
-    """Why no padding is needed: XNNPACK computes each row alike whatever the row count."""
+    """Why no padding is needed: the step computes each row alike whatever the row count."""
     _, gen = served
     lite = gen.engine.backend.stepper
     outputs = []
@@ -167,13 +167,23 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_others_steps(tmp_path_
                "ignore_eos": True}]
     with Generator(model) as gen:
         service = serve_app.Service(gen, model_id="tiny", limits=limits)
-        lite = service.batcher.stepper
+        stepper = service.batcher.stepper
         calls = []
-        extend, step = lite.extend, lite.step
-        lite.extend = lambda row, tokens, start: calls.append(("extend", len(tokens))) or \
+        extend, step = stepper.extend, stepper.step
+        stepper.extend = lambda row, tokens, start: calls.append(("extend", len(tokens))) or \
             extend(row, tokens, start)
-        lite.step = lambda tokens, positions: calls.append(("step", len(tokens))) or \
+        stepper.step = lambda tokens, positions: calls.append(("step", len(tokens))) or \
             step(tokens, positions)
+        if hasattr(stepper, "step_rows"):  # the native step: a chunk rides along with a step
+            step_rows = stepper.step_rows
+
+            def logged(rows, tokens, positions, chunk=None):
+                calls.append(("step", len(rows)))
+                if chunk is not None:
+                    calls.append(("extend", len(chunk[1])))
+                return step_rows(rows, tokens, positions, chunk)
+
+            stepper.step_rows = logged
         with serve_server.serve_in_thread(service.app()) as url:
             alone = [_complete(url, **b)["text"] for b in bodies]
             calls.clear()

@@ -25,7 +25,7 @@ from gpt2tf.source import ModelSource
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "int8")  # what the fast path stores; bf16 runs on the TF graph
+PRECISIONS = ("fp32", "int8", "bf16")  # the fast path's; bf16 only on the native step
 # TF's converter holds the weights many times over while it works (measured on 124M: a 0.5 GB
 # checkpoint peaked at 9.5 GB). A conversion that would not fit is not started: the process
 # would be killed, not given an error.
@@ -135,12 +135,12 @@ class FastBackend:
 RUNTIMES = {"NativeStep": "native", "LiteStep": "tflite"}
 
 
-def _open_native(source: ModelSource, prefix: str, threads: int, lora):
+def _open_native(source: ModelSource, prefix: str, precision: str, threads: int, lora):
     from gpt2tf.decode import native
 
     native.load_library()  # before reading the weights: where it cannot run, fail fast
     weights = lora.merged_weights() if lora is not None else checkpoints.read_weights(prefix)
-    return native.NativeStep(weights, source.hparams, threads=threads)
+    return native.NativeStep(weights, source.hparams, threads=threads, precision=precision)
 
 
 def open_backend(source: ModelSource, prefix: str, precision: str, *,
@@ -149,15 +149,20 @@ def open_backend(source: ModelSource, prefix: str, precision: str, *,
     """The fast backend, or None (after a one-line note) where it cannot run here.
 
     fp32 takes the native step where it builds (runtime "auto"; see gpt2tf.decode.native),
-    else TFLite; int8 always takes TFLite. runtime "tflite" skips the native step."""
+    else TFLite; int8 always takes TFLite; bf16 takes the native step or nothing (the caller
+    runs the TF graph in bf16). runtime "tflite" skips the native step."""
     threads = threads or os.cpu_count() or 1
-    if precision == "fp32" and runtime == "auto":
+    if precision in ("fp32", "bf16") and runtime == "auto":
         from gpt2tf.decode.native import NativeUnavailable
 
         try:
-            return FastBackend(_open_native(source, prefix, threads, lora), source.hparams)
+            return FastBackend(_open_native(source, prefix, precision, threads, lora),
+                               source.hparams)
         except NativeUnavailable as e:
-            log.info("the native decode step cannot run here (%s): decoding with TFLite", e)
+            log.info("the native decode step cannot run here (%s): decoding with %s", e,
+                     "TFLite" if precision == "fp32" else "the TF graph")
+    if precision == "bf16":
+        return None
     try:
         from gpt2tf.decode import lite
 

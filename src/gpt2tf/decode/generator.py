@@ -35,11 +35,11 @@ ENGINES = ("auto", "tflite", "graph")
 class Generator:
     """A loaded model that samples text.
 
-    Generation runs on the fast path (gpt2tf.decode.fast) in fp32 (exact) or int8 weights:
-    fp32 on the native step (gpt2tf.decode.native) where it builds, else on the checkpoint
-    converted for TFLite/XNNPACK (cached beside it); int8 on TFLite. bf16 runs the TF graph
-    with bfloat16 matmuls. Where the fast path cannot run, the TF graph takes over with a one-line
-    note. The TF graph (own tf.Graph and tf.Session) is built only when something needs it:
+    Generation runs on the fast path (gpt2tf.decode.fast) in fp32 (exact), bf16 or int8
+    weights: fp32 on the native step (gpt2tf.decode.native) where it builds, else on the
+    checkpoint converted for TFLite/XNNPACK (cached beside it); bf16 on the native step, else
+    the TF graph with bfloat16 matmuls; int8 on TFLite. Where the fast path cannot run, the TF
+    graph takes over with a one-line note. The TF graph (own tf.Graph and tf.Session) is built only when something needs it:
     `logits`, bf16, the fallback, or engine="graph". engine="tflite" takes TFLite for fp32 too
     (to compare the two).
 
@@ -155,11 +155,12 @@ class Generator:
     def target_logprobs(self, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         """Each token's log-probability given the ones before it: [B, T] ids -> [B, T-1].
 
-        At the Generator's precision: fp32 and bf16 in the TF graph (one batched forward
-        pass); int8 on the fast path, whose weights only it has, one decode step per position
-        with the text's own tokens fed in (slower, and exactly what generation computes)."""
+        At the Generator's precision: fp32 in the TF graph (one batched forward pass); int8 and
+        bf16 on the fast path where it runs (its weights are what generation uses), one decode
+        step per position with the text's own tokens fed in (slower, and exactly what
+        generation computes); bf16 elsewhere in the TF graph."""
         ids = np.asarray(tokens)
-        if self.precision == "int8" and self.engine_name == "fast":
+        if self.precision != "fp32" and self.engine_name == "fast":
             return self._stepped_logprobs(ids)
         g = self._graph_parts()
         return g.session.run(g.targets, {g.tokens: ids})

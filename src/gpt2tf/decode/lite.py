@@ -44,6 +44,7 @@ from gpt2tf import model
 from gpt2tf.quiet import native_stderr_hidden
 from gpt2tf.errors import UserError
 from gpt2tf.hparams import HParams
+from gpt2tf.decode.stepper import Stepper
 
 LITE_PRECISIONS = ("fp32", "int8")  # int8: dynamic-range, per-channel weights
 FORMAT_VERSION = 3  # bump when the converted model's layout changes (it keys an on-disk cache)
@@ -63,19 +64,6 @@ def chunk_sizes(n_ctx: int) -> tuple[int, ...]:
     it computes at most 31 padded positions; 128 keeps the matmuls efficient while a chunk
     stalls the server's running streams for one short step."""
     return tuple(sorted({min(32, n_ctx), min(128, n_ctx)}))
-
-
-def cache_lengths(n_ctx: int) -> tuple[int, ...]:
-    """Cache lengths "step" runs at: 128, 256, 512, ... below n_ctx, and n_ctx itself.
-
-    Attention reads every slot of the cache, so a short context should not pay for n_ctx slots;
-    doubling keeps the re-plans (one per size crossed) few.
-    """
-    sizes, s = [], 128
-    while s < n_ctx:
-        sizes.append(s)
-        s *= 2
-    return tuple(sizes) + (n_ctx,)
 
 
 def _extend_key(t: int) -> str:
@@ -319,7 +307,7 @@ def open_interpreter(model: bytes | str | os.PathLike, threads: int) -> tf.lite.
             raise ValueError(f"cannot load a TFLite model from {where}: {e}") from None
 
 
-class LiteStep:
+class LiteStep(Stepper):
     """A tf.lite interpreter over build()'s model with the KV cache in its input buffers.
 
     It starts with 1 row at the smallest cache length. Not thread-safe: one caller at a time.
@@ -336,11 +324,10 @@ class LiteStep:
     def __init__(self, model: bytes | str | os.PathLike, hparams: HParams, *, threads: int = 2):
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise UserError(f"threads must be a positive integer, got {threads!r}")
-        self.hparams = hparams
+        super().__init__(hparams)
         self._interp = open_interpreter(model, threads)
         self._sigs = self._read_signatures()
         self._check_layout(model)
-        self._lengths = cache_lengths(hparams.n_ctx)
         self._chunks = chunk_sizes(hparams.n_ctx)
         # Once without a subgraph index: that is the call which applies the default delegate
         # (XNNPACK) to every subgraph. Each subgraph is then allocated on its own.
@@ -437,50 +424,7 @@ class LiteStep:
         self._wrapper.ResizeInputTensor(sig.inputs[name], np.array(shape, np.int32), False,
                                         sig.subgraph)
 
-    def _fit(self, slots: int) -> None:
-        """Grow the cache to the next length that holds `slots` slots (it never shrinks here)."""
-        if slots > self._cache_len:
-            self._replan(self._rows, self._length_for(slots), keep=True)
-
-    def _length_for(self, slots: int) -> int:
-        """The shortest cache length (of cache_lengths) that holds `slots` slots."""
-        if not 1 <= slots <= self.hparams.n_ctx:
-            raise ValueError(f"slots must be 1..n_ctx={self.hparams.n_ctx}, got {slots!r}")
-        return min(s for s in self._lengths if s >= slots)
-
-    @staticmethod
-    def _check_rows(rows) -> int:
-        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
-            raise ValueError(f"rows must be a positive integer, got {rows!r}")
-        return int(rows)
-
     # ------------------------------------------------------------------ the public calls
-
-    def start(self, rows: int, slots: int = 1) -> None:
-        """Make room for `rows` rows, all empty, at the shortest cache length that holds `slots`
-        slots (the longest prompt to prefill): re-plan only when the row count or that length
-        changes.
-
-        Nothing is cleared otherwise: stale slots are masked until a prefill or step writes them.
-        A cache that an earlier generation grew goes back to the length these prompts need:
-        attention reads every slot, so a batch of 8 left at 512 slots would step at 94 ms
-        instead of 67 (124M); a re-plan to fewer slots costs a few tens of milliseconds.
-        """
-        rows, length = self._check_rows(rows), self._length_for(slots)
-        if rows != self._rows or length != self._cache_len:
-            self._replan(rows, length, keep=False)
-
-    def resize(self, rows: int, slots: int | None = None) -> None:
-        """Change the row count keeping rows 0..min(old, new)-1 as they are (the server's rows
-        come and go between steps; a row's numbers never depend on how many rows share a step).
-
-        With `slots`, the cache also takes the shortest length that holds that many slots, up
-        or down; the kept rows' first `slots` slots are carried over, so every filled slot
-        must lie below it."""
-        rows = self._check_rows(rows)
-        length = self._cache_len if slots is None else self._length_for(slots)
-        if rows != self._rows or length != self._cache_len:
-            self._replan(rows, length, keep=True)
 
     @property
     def rows(self) -> int:
@@ -496,28 +440,12 @@ class LiteStep:
         """The slots each row has now (one of cache_lengths(n_ctx))."""
         return self._cache_len
 
-    def prefill(self, row: int, tokens: Sequence[int]) -> np.ndarray:
-        """Run one prompt (1 <= len <= n_ctx) into cache row `row` at slots 0..len-1 (other rows
-        untouched), chunk by chunk. Returns logits [n_vocab] float32 of the last prompt token."""
-        tokens = self._token_ids(tokens, "the prompt")
-        n = len(tokens)
-        if not 1 <= n <= self.hparams.n_ctx:
-            raise UserError(f"a prompt must have 1 to n_ctx={self.hparams.n_ctx} tokens, got {n}")
-        size = self._chunks[-1]
-        for start in range(0, n, size):
-            logits = self.extend(row, tokens[start:start + size], start)
-        return logits
-
     def extend(self, row: int, tokens: Sequence[int], start: int) -> np.ndarray:
         """Run 1..max(chunk_sizes) tokens at positions start.. of cache row `row`, whose slots
         0..start-1 must be filled; fill slots start..start+len-1. Returns logits [n_vocab]
         float32 of the last of them (a copy)."""
-        self._check_row(row)
-        tokens = self._token_ids(tokens, "the prompt")
+        tokens = self._check_chunk(row, tokens, start)
         n, hp = len(tokens), self.hparams
-        if not 1 <= n <= self._chunks[-1] or not 0 <= start <= hp.n_ctx - n:
-            raise ValueError(f"a chunk must have 1 to {self._chunks[-1]} tokens within n_ctx="
-                             f"{hp.n_ctx}, got {n} from position {start}")
         t = min(c for c in self._chunks if c >= n)
         key = _extend_key(t)
         self._fit(start + n)
@@ -551,11 +479,7 @@ class LiteStep:
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cache slots of row src to row dst (rows sharing a prompt)."""
-        self._check_row(src)
-        self._check_row(dst)
-        if not 0 <= length <= self._cache_len:
-            raise ValueError(f"length must be 0..{self._cache_len} (the cache length), got"
-                             f" {length}")
+        self._check_copy(src, dst, length)
         if src == dst:
             return
         for name in self._names():
@@ -567,18 +491,7 @@ class LiteStep:
         0..positions[b]-1 must be filled). Writes the new key/value at slot positions[b].
         Returns logits [rows, n_vocab] float32 (a copy). Grows the cache length (to the next
         size among 128, 256, 512, ..., n_ctx, copying the kept slots) when a position needs it."""
-        tokens = self._token_ids(tokens, "tokens")
-        positions = np.asarray(positions)
-        if tokens.shape != (self._rows,) or positions.shape != (self._rows,):
-            raise ValueError(
-                f"tokens and positions must have shape [{self._rows}] (one per row), got"
-                f" {list(tokens.shape)} and {list(positions.shape)}"
-            )
-        if positions.dtype.kind not in "iu" or positions.min() < 0 or \
-                positions.max() >= self.hparams.n_ctx:
-            raise UserError(f"positions must be 0..n_ctx-1={self.hparams.n_ctx - 1}, got "
-                            f"{positions.min()}..{positions.max()} ({positions.dtype})")
-        positions = positions.astype(np.int32)
+        tokens, positions = self._check_step(tokens, positions)
         self._fit(int(positions.max()) + 1)
         self._view(STEP, "tokens")[:] = tokens
         self._view(STEP, "positions")[:] = positions
@@ -598,18 +511,3 @@ class LiteStep:
                 # [B, H, S, D] indexed at (b, :, positions[b]) for every b -> [B, H, D]
                 self._view(STEP, _cache_name(kind, layer))[rows, :, positions] = new[layer]
             del new
-
-    def _check_row(self, row: int) -> None:
-        if not 0 <= row < self._rows:
-            raise ValueError(f"row must be 0..{self._rows - 1} (start() made {self._rows}),"
-                             f" got {row}")
-
-    def _token_ids(self, tokens, what: str) -> np.ndarray:
-        ids = np.asarray(tokens)
-        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
-            raise ValueError(f"{what} must be a 1-D sequence of token ids, got {ids.dtype}"
-                             f" of shape {list(ids.shape)}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.hparams.n_vocab):
-            raise UserError(f"{what}: token ids must be 0..{self.hparams.n_vocab - 1}, got "
-                            f"{ids.min()}..{ids.max()}")
-        return ids.astype(np.int32)

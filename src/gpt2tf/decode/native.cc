@@ -106,6 +106,72 @@ void gemm(const float* x, int M, int K, const float* packed, const float* bias, 
   }
 }
 
+#ifdef __AVX512BF16__
+// bf16 weights: a [K, N] matrix as panels [ceil(N/16)][ceil(K/2)][16][2] (k pairs side by
+// side, as vdpbf16ps takes them); x as bf16 pairs [M][ceil(K/2)]. Products accumulate in fp32.
+template <int MR>
+void tile_bf16(const uint32_t* xp, int K2, const uint16_t* panel, const float* bias, float* y,
+               int ldy, __mmask16 mask, int epilogue) {
+  __m512 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  for (int k = 0; k < K2; ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(panel + (int64_t)k * 2 * PANEL + 2 * PREFETCH),
+                 _MM_HINT_T0);
+    const __m512bh w = (__m512bh)_mm512_load_si512(panel + (int64_t)k * 2 * PANEL);
+    for (int m = 0; m < MR; ++m)
+      acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_set1_epi32((int)xp[(int64_t)m * K2 + k]), w);
+  }
+  __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
+  for (int m = 0; m < MR; ++m) {
+    __m512 v = _mm512_add_ps(acc[m], b);
+    float* out = y + (int64_t)m * ldy;
+    if (epilogue == GELU) v = gelu512(v);
+    if (epilogue == ADD) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), v);
+    _mm512_mask_storeu_ps(out, mask, v);
+  }
+}
+
+using TileBf16 = void (*)(const uint32_t*, int, const uint16_t*, const float*, float*, int,
+                          __mmask16, int);
+const TileBf16 TILES_BF16[MAX_TILE + 1] = {
+    nullptr,        tile_bf16<1>,  tile_bf16<2>,  tile_bf16<3>,  tile_bf16<4>,  tile_bf16<5>,
+    tile_bf16<6>,   tile_bf16<7>,  tile_bf16<8>,  tile_bf16<9>,  tile_bf16<10>, tile_bf16<11>,
+    tile_bf16<12>,  tile_bf16<13>, tile_bf16<14>, tile_bf16<15>, tile_bf16<16>};
+
+// As gemm, with bf16 weights: x is rounded to bf16 pairs in `xp` first (work-shared rows).
+void gemm_bf16(const float* x, int M, int K, const uint16_t* packed, const float* bias, int N,
+               float* y, int epilogue, uint32_t* xp) {
+  const int K2 = (K + 1) / 2;
+#pragma omp for schedule(static)
+  for (int m = 0; m < M; ++m) {  // round to nearest even, 16 at a time; pairs are adjacent
+    const float* xm = x + (int64_t)m * K;
+    uint16_t* out = reinterpret_cast<uint16_t*>(xp + (int64_t)m * K2);
+    int k = 0;
+    for (; k + 16 <= K; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xm + k)));
+    if (k < K) {
+      const __mmask16 mask = (__mmask16)((1u << (K - k)) - 1);
+      _mm256_mask_storeu_epi16(out + k, mask,
+                               (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, xm + k)));
+    }
+    if (K & 1) out[K] = 0;  // the pad of the last pair (its weight row is zero too)
+  }
+  const int panels = (N + PANEL - 1) / PANEL;
+#pragma omp for schedule(static)
+  for (int j = 0; j < panels; ++j) {
+    const int cols = N - j * PANEL < PANEL ? N - j * PANEL : PANEL;
+    const __mmask16 mask = (__mmask16)((1u << cols) - 1);
+    for (int m0 = 0; m0 < M; m0 += MAX_TILE) {
+      const int mr = M - m0 < MAX_TILE ? M - m0 : MAX_TILE;
+      TILES_BF16[mr](xp + (int64_t)m0 * K2, K2, packed + (int64_t)j * K2 * 2 * PANEL,
+                     bias ? bias + j * PANEL : nullptr, y + (int64_t)m0 * N + j * PANEL, N,
+                     mask, epilogue);
+    }
+  }
+}
+#endif
+
 // LayerNorm of rows [n, C] (work-shared rows), as gpt2tf.model.norm: eps 1e-5, biased variance.
 void layer_norm(const float* x, int n, int C, const float* g, const float* b, float* y) {
 #pragma omp for schedule(static)
@@ -137,10 +203,12 @@ enum ModelWeight { WTE, WPE, LNF_G, LNF_B, HEAD, GLOBAL };
 
 extern "C" {
 
-// Returns 0, or -1 where an entry's (row, position, token) is out of range (nothing written).
+// Returns 0, -1 where an entry's (row, position, token) is out of range (nothing written), or
+// -2 where bf16 weights are asked of a build without AVX512-BF16. With `bf16`, the packed
+// matrices (not the embeddings, norms or biases) are bf16 panels (see gemm_bf16).
 int gpt2_forward(const int* dims_in, const float* const* w, int n, const int* tokens,
                  const int* rows, const int* positions, float* cache, int B, int S,
-                 int n_logits, const int* logit_entries, float* logits, int threads) {
+                 int n_logits, const int* logit_entries, float* logits, int threads, int bf16) {
   const Dims d{dims_in[0], dims_in[1], dims_in[2], dims_in[3], dims_in[4]};
   const int C = d.n_embd, H = d.n_head, D = C / H;
   for (int i = 0; i < n; ++i)
@@ -149,10 +217,24 @@ int gpt2_forward(const int* dims_in, const float* const* w, int n, const int* to
       return -1;
   for (int i = 0; i < n_logits; ++i)
     if (logit_entries[i] < 0 || logit_entries[i] >= n) return -1;
+#ifndef __AVX512BF16__
+  if (bf16) return -2;
+#endif
   std::vector<float> h((size_t)n * C), x((size_t)n * C), qkv((size_t)n * 3 * C),
       att((size_t)n * C), fc((size_t)n * 4 * C), last((size_t)(n_logits > 0 ? n_logits : 1) * C);
   const int64_t row_stride = (int64_t)H * S * D, kv_stride = (int64_t)B * row_stride;
   const float scale = 1.0f / std::sqrt((float)D);
+  std::vector<uint32_t> xp(bf16 ? (size_t)n * (2 * C + 1) : 0);  // x in bf16 pairs (K <= 4C)
+  auto matmul = [&](const float* in, int M, int K, const float* W, const float* b, int N,
+                    float* out, int epilogue) {
+#ifdef __AVX512BF16__
+    if (bf16) {
+      gemm_bf16(in, M, K, reinterpret_cast<const uint16_t*>(W), b, N, out, epilogue, xp.data());
+      return;
+    }
+#endif
+    gemm(in, M, K, W, b, N, out, epilogue);
+  };
 
 #pragma omp parallel num_threads(threads)
   {
@@ -167,7 +249,7 @@ int gpt2_forward(const int* dims_in, const float* const* w, int n, const int* to
       float* k_cache = cache + (int64_t)l * 2 * kv_stride;  // [B, H, S, D]
       float* v_cache = k_cache + kv_stride;
       layer_norm(h.data(), n, C, lw[LN1_G], lw[LN1_B], x.data());
-      gemm(x.data(), n, C, lw[ATTN_W], lw[ATTN_B], 3 * C, qkv.data(), STORE);
+      matmul(x.data(), n, C, lw[ATTN_W], lw[ATTN_B], 3 * C, qkv.data(), STORE);
 #pragma omp for schedule(static)
       for (int i = 0; i < n; ++i)  // this call's keys and values into their slots first
         for (int hh = 0; hh < H; ++hh) {
@@ -214,16 +296,16 @@ int gpt2_forward(const int* dims_in, const float* const* w, int n, const int* to
           for (int e = 0; e < D; ++e) out[e] += p * values[(int64_t)jj * D + e];
         }
       }
-      gemm(att.data(), n, C, lw[APROJ_W], lw[APROJ_B], C, h.data(), ADD);
+      matmul(att.data(), n, C, lw[APROJ_W], lw[APROJ_B], C, h.data(), ADD);
       layer_norm(h.data(), n, C, lw[LN2_G], lw[LN2_B], x.data());
-      gemm(x.data(), n, C, lw[FC_W], lw[FC_B], 4 * C, fc.data(), GELU);
-      gemm(fc.data(), n, 4 * C, lw[MPROJ_W], lw[MPROJ_B], C, h.data(), ADD);
+      matmul(x.data(), n, C, lw[FC_W], lw[FC_B], 4 * C, fc.data(), GELU);
+      matmul(fc.data(), n, 4 * C, lw[MPROJ_W], lw[MPROJ_B], C, h.data(), ADD);
     }
 #pragma omp for schedule(static)
     for (int i = 0; i < n_logits; ++i)
       for (int c = 0; c < C; ++c) x[(size_t)i * C + c] = h[(size_t)logit_entries[i] * C + c];
     layer_norm(x.data(), n_logits, C, w[LNF_G], w[LNF_B], last.data());
-    gemm(last.data(), n_logits, C, w[HEAD], nullptr, d.n_vocab, logits, STORE);
+    matmul(last.data(), n_logits, C, w[HEAD], nullptr, d.n_vocab, logits, STORE);
   }
   return 0;
 }

@@ -1,6 +1,7 @@
-"""GPT-2's decode step in native code (native.cc), for x86 CPUs with AVX-512, in float32.
+"""GPT-2's decode step in native code (native.cc), for x86 CPUs with AVX-512: fp32, or bf16
+weights (AVX512-BF16's dot products, accumulated in fp32).
 
-The fp32 fast path's first choice. TFLite's XNNPACK GEMM re-reads every weight matrix once per
+The fp32 fast path's first choice, and bf16's only one. TFLite's XNNPACK GEMM re-reads every weight matrix once per
 7-row block, so its 16-row step costs 3.8x its 1-row step; native.cc keeps up to 16 rows in
 registers, reads each weight once per step and attends to a row's filled slots only (TFLite
 reads every slot of the cache, masked or not). Measured on 2 cores: a chain of GPT-2 124M's
@@ -11,6 +12,10 @@ The library is compiled at first use with the system's C++ compiler ($CXX, else 
 clang++; -O3 -march=native -fopenmp) into the user's cache (gpt2tf.paths.cache_root()), under a
 name keyed by the source, the compiler and the CPU, written atomically. Where there is no
 compiler, no AVX-512 or no OpenMP, `NativeUnavailable` says why and the caller takes TFLite.
+
+bf16 stores every matmul's weights (the tied LM head too) as bfloat16, rounded to nearest
+even, and rounds each matmul's input to bf16 before it; products and sums, attention, norms
+and the residual stream stay in fp32. It reads half of fp32's bytes per step.
 
 `NativeStep` has LiteStep's interface (start, resize, extend, prefill, copy_row, step), with
 the cache in one numpy array [L, 2, B, H, S, D] that the library reads and writes in place.
@@ -30,11 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from gpt2tf import paths
+from gpt2tf.decode.stepper import Stepper
 from gpt2tf.errors import UserError
 from gpt2tf.hparams import HParams
 
 SOURCE = Path(__file__).with_name("native.cc")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+PRECISIONS = ("fp32", "bf16")
 PANEL = 16  # columns per packed panel (native.cc's PANEL)
 ALIGN = 64  # bytes: native.cc loads the panels with aligned AVX-512 loads
 # Every prompt chunk runs at its own length (no padding: the library takes any row count);
@@ -133,7 +140,7 @@ def load_library() -> ctypes.CDLL:
             lib.gpt2_forward.restype = ctypes.c_int
             ptr, i32 = ctypes.c_void_p, ctypes.c_int  # in gpt2_forward's order
             lib.gpt2_forward.argtypes = [ptr, ptr, i32, ptr, ptr, ptr, ptr, i32, i32, i32, ptr,
-                                         ptr, i32]
+                                         ptr, i32, i32]
             _library = lib
         return _library
 
@@ -160,13 +167,34 @@ def pack(w: np.ndarray) -> np.ndarray:
     return out
 
 
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounded to nearest even (as the CPU's vcvtneps2bf16)."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def pack_bf16(w: np.ndarray) -> np.ndarray:
+    """[K, N] -> bf16 panels [ceil(N/16), ceil(K/2), 16, 2] (the two k of a pair side by side,
+    as vdpbf16ps takes them), zero-padded, 64-byte aligned; returned as its float32 view's
+    owner (uint16 data)."""
+    k, n = w.shape
+    panels, pairs = -(-n // PANEL), -(-k // 2)
+    padded = np.zeros([pairs * 2, panels * PANEL], np.float32)
+    padded[:k, :n] = w
+    out = _aligned([panels * pairs * PANEL]).view(np.uint16).reshape(panels, pairs, PANEL, 2)
+    out[...] = to_bf16(padded).reshape(pairs, 2, panels, PANEL).transpose(2, 0, 3, 1)
+    return out
+
+
 _LAYER = ("ln_1/g", "ln_1/b", "attn/c_attn/w", "attn/c_attn/b", "attn/c_proj/w", "attn/c_proj/b",
           "ln_2/g", "ln_2/b", "mlp/c_fc/w", "mlp/c_fc/b", "mlp/c_proj/w", "mlp/c_proj/b")
 
 
-def pack_weights(weights: dict[str, np.ndarray], hparams: HParams) -> list[np.ndarray]:
+def pack_weights(weights: dict[str, np.ndarray], hparams: HParams,
+                 precision: str = "fp32") -> list[np.ndarray]:
     """The arrays native.cc takes, in its order (WTE, WPE, LNF_G, LNF_B, HEAD, then per layer
-    _LAYER's), matrices packed."""
+    _LAYER's), matrices packed (in bf16 with precision "bf16")."""
+    packer = pack_bf16 if precision == "bf16" else pack
     from gpt2tf import model
 
     shapes = model.variable_shapes(hparams)
@@ -184,24 +212,18 @@ def pack_weights(weights: dict[str, np.ndarray], hparams: HParams) -> list[np.nd
 
     wte = np.ascontiguousarray(get("model/wte"))  # [V, C]
     out = [wte, np.ascontiguousarray(get("model/wpe")), get("model/ln_f/g"),
-           get("model/ln_f/b"), pack(wte.T)]  # the LM head is tied to wte: [C, V]
+           get("model/ln_f/b"), packer(wte.T)]  # the LM head is tied to wte: [C, V]
     for layer in range(hparams.n_layer):
         for part in _LAYER:
             array = get(f"model/h{layer}/{part}")
-            out.append(pack(array[0]) if part.endswith("/w") else np.ascontiguousarray(array))
+            out.append(packer(array[0]) if part.endswith("/w") else np.ascontiguousarray(array))
     return out
 
 
 # ============================================================================ the step
 
 
-def cache_lengths(n_ctx: int) -> tuple[int, ...]:
-    from gpt2tf.decode import lite
-
-    return lite.cache_lengths(n_ctx)
-
-
-class NativeStep:
+class NativeStep(Stepper):
     """native.cc's forward over a cache of `rows` rows; LiteStep's interface.
 
     Attention reads only a row's filled slots, so the cache length costs memory, not time: it
@@ -210,20 +232,26 @@ class NativeStep:
     the checkpoint's arrays can go) plus the cache (rows x 2 x n_layer x cache_len x n_embd
     floats)."""
 
-    def __init__(self, weights: dict[str, np.ndarray], hparams: HParams, *, threads: int = 2):
+    def __init__(self, weights: dict[str, np.ndarray], hparams: HParams, *, threads: int = 2,
+                 precision: str = "fp32"):
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise UserError(f"threads must be a positive integer, got {threads!r}")
+        if precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == "bf16" and "avx512_bf16" not in _cpu_flags():
+            raise NativeUnavailable("this CPU has no AVX512-BF16 (bf16 dot products)")
         if hparams.n_embd % hparams.n_head:
             raise NativeUnavailable(f"n_embd={hparams.n_embd} is not a multiple of n_head")
+        super().__init__(hparams)
         self._lib = load_library()
-        self.hparams = hparams
         self.threads = threads
-        self._arrays = pack_weights(weights, hparams)  # kept alive: the library reads them
+        self.precision = precision
+        # kept alive here: the library reads them in place
+        self._arrays = pack_weights(weights, hparams, precision)
         self._pointers = (ctypes.c_void_p * len(self._arrays))(
             *[a.ctypes.data for a in self._arrays])
         hp = hparams
         self._dims = np.array([hp.n_layer, hp.n_embd, hp.n_head, hp.n_vocab, hp.n_ctx], np.int32)
-        self._lengths = cache_lengths(hp.n_ctx)
         self._cache = np.zeros([hp.n_layer, 2, 0, hp.n_head, 0, hp.head_dim], np.float32)
         self._replan(1, self._lengths[0], keep=False)
 
@@ -236,35 +264,6 @@ class NativeStep:
             r, s = min(rows, self.rows), min(cache_len, self.cache_len)
             cache[:, :, :r, :, :s] = self._cache[:, :, :r, :, :s]
         self._cache = cache
-
-    def _fit(self, slots: int) -> None:
-        if slots > self.cache_len:
-            self._replan(self.rows, self._length_for(slots), keep=True)
-
-    def _length_for(self, slots: int) -> int:
-        if not 1 <= slots <= self.hparams.n_ctx:
-            raise ValueError(f"slots must be 1..n_ctx={self.hparams.n_ctx}, got {slots!r}")
-        return min(s for s in self._lengths if s >= slots)
-
-    @staticmethod
-    def _check_rows(rows) -> int:
-        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
-            raise ValueError(f"rows must be a positive integer, got {rows!r}")
-        return int(rows)
-
-    def start(self, rows: int, slots: int = 1) -> None:
-        """Make room for `rows` empty rows at the shortest cache length holding `slots`."""
-        rows, length = self._check_rows(rows), self._length_for(slots)
-        if rows != self.rows or length != self.cache_len:
-            self._replan(rows, length, keep=False)
-
-    def resize(self, rows: int, slots: int | None = None) -> None:
-        """Change the row count keeping rows 0..min(old, new)-1 (and, with `slots`, take the
-        shortest cache length holding that many slots, keeping the first `slots`)."""
-        rows = self._check_rows(rows)
-        length = self.cache_len if slots is None else self._length_for(slots)
-        if rows != self.rows or length != self.cache_len:
-            self._replan(rows, length, keep=True)
 
     @property
     def rows(self) -> int:
@@ -290,73 +289,69 @@ class NativeStep:
         status = self._lib.gpt2_forward(
             self._dims.ctypes.data, self._pointers, len(tokens), tokens.ctypes.data,
             rows.ctypes.data, positions.ctypes.data, c.ctypes.data, c.shape[2], c.shape[4],
-            len(logit_entries), logit_entries.ctypes.data, logits.ctypes.data, self.threads)
+            len(logit_entries), logit_entries.ctypes.data, logits.ctypes.data, self.threads,
+            int(self.precision == "bf16"))
         if status != 0:  # the Python checks come first; this is the library's own guard
             raise ValueError("native step: a token, row or position out of range")
-        return logits
-
-    def prefill(self, row: int, tokens: Sequence[int]) -> np.ndarray:
-        """Run one prompt (1 <= len <= n_ctx) into cache row `row` at slots 0..len-1, chunk by
-        chunk. Returns logits [n_vocab] float32 of the last prompt token."""
-        tokens = self._token_ids(tokens, "the prompt")
-        n = len(tokens)
-        if not 1 <= n <= self.hparams.n_ctx:
-            raise UserError(f"a prompt must have 1 to n_ctx={self.hparams.n_ctx} tokens, got {n}")
-        for start in range(0, n, self.chunk_size):
-            logits = self.extend(row, tokens[start:start + self.chunk_size], start)
         return logits
 
     def extend(self, row: int, tokens: Sequence[int], start: int) -> np.ndarray:
         """Run 1..chunk_size tokens at positions start.. of cache row `row` (slots 0..start-1
         filled); fill slots start..start+len-1. Returns logits [n_vocab] of the last."""
-        self._check_row(row)
-        tokens = self._token_ids(tokens, "the prompt")
-        n, hp = len(tokens), self.hparams
-        if not 1 <= n <= self.chunk_size or not 0 <= start <= hp.n_ctx - n:
-            raise ValueError(f"a chunk must have 1 to {self.chunk_size} tokens within n_ctx="
-                             f"{hp.n_ctx}, got {n} from position {start}")
+        tokens = self._check_chunk(row, tokens, start)
+        n = len(tokens)
         self._fit(start + n)
         return self._forward(tokens, np.full(n, row), np.arange(start, start + n),
                              np.array([n - 1]))[0]
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cache slots of row src to row dst (rows sharing a prompt)."""
-        self._check_row(src)
-        self._check_row(dst)
-        if not 0 <= length <= self.cache_len:
-            raise ValueError(f"length must be 0..{self.cache_len} (the cache length), got"
-                             f" {length}")
+        self._check_copy(src, dst, length)
         if src != dst:
             self._cache[:, :, dst, :, :length] = self._cache[:, :, src, :, :length]
 
     def step(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One new token per row at its own position (row b's slots 0..positions[b]-1 filled);
         writes its key/value at slot positions[b]. Returns logits [rows, n_vocab] float32."""
-        tokens = self._token_ids(tokens, "tokens")
-        positions = np.asarray(positions)
-        if tokens.shape != (self.rows,) or positions.shape != (self.rows,):
-            raise ValueError(
-                f"tokens and positions must have shape [{self.rows}] (one per row), got"
-                f" {list(tokens.shape)} and {list(positions.shape)}")
-        if positions.dtype.kind not in "iu" or positions.min() < 0 or \
-                positions.max() >= self.hparams.n_ctx:
-            raise UserError(f"positions must be 0..n_ctx-1={self.hparams.n_ctx - 1}, got "
-                            f"{positions.min()}..{positions.max()} ({positions.dtype})")
+        tokens, positions = self._check_step(tokens, positions)
         self._fit(int(positions.max()) + 1)
         every = np.arange(self.rows)
         return self._forward(tokens, every, positions, every)
 
-    def _check_row(self, row: int) -> None:
-        if not 0 <= row < self.rows:
-            raise ValueError(f"row must be 0..{self.rows - 1} (start() made {self.rows}),"
-                             f" got {row}")
+    def step_rows(self, rows: np.ndarray, tokens: np.ndarray, positions: np.ndarray,
+                  chunk: tuple[int, Sequence[int], int] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One token for each of `rows` (distinct cache rows) at its position, and with `chunk`
+        = (row, tokens, start) a prompt chunk of another row, in one pass over the weights (the
+        server admits a prompt while the others decode, at little more than a step's cost; each
+        entry's numbers are the same as alone). Rows not listed are not computed. Returns
+        (logits [len(rows), n_vocab], the chunk's last logits [n_vocab] or None)."""
+        rows = np.asarray(rows, np.int64)
+        if rows.ndim != 1 or len(set(rows.tolist())) != len(rows) or \
+                (len(rows) and not (0 <= rows.min() and rows.max() < self.rows)):
+            raise ValueError(f"rows must be distinct rows of 0..{self.rows - 1}, got {rows}")
+        tokens = self._token_ids(tokens, "tokens")
+        positions = np.asarray(positions)
+        if tokens.shape != rows.shape or positions.shape != rows.shape:
+            raise ValueError(f"tokens and positions must have one entry per row ({len(rows)}),"
+                             f" got {list(tokens.shape)} and {list(positions.shape)}")
+        if len(rows) and (positions.dtype.kind not in "iu" or positions.min() < 0 or
+                          positions.max() >= self.hparams.n_ctx):
+            raise UserError(f"positions must be 0..n_ctx-1={self.hparams.n_ctx - 1}")
+        need = int(positions.max()) + 1 if len(rows) else 1
+        parts = [(tokens, rows, positions)]
+        if chunk is not None:
+            row, ids, start = chunk
+            ids = self._check_chunk(row, ids, start)
+            if row in rows:
+                raise ValueError(f"row {row} both steps and takes a prompt chunk")
+            parts.append((ids, np.full(len(ids), row), np.arange(start, start + len(ids))))
+            need = max(need, start + len(ids))
+        self._fit(need)
+        entries = [np.concatenate(x) for x in zip(*parts)]
+        wanted = np.arange(len(rows))
+        if chunk is not None:
+            wanted = np.append(wanted, len(entries[0]) - 1)
+        logits = self._forward(*entries, wanted)
+        return logits[:len(rows)], (logits[-1] if chunk is not None else None)
 
-    def _token_ids(self, tokens, what: str) -> np.ndarray:
-        ids = np.asarray(tokens)
-        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
-            raise ValueError(f"{what} must be a 1-D sequence of token ids, got {ids.dtype}"
-                             f" of shape {list(ids.shape)}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.hparams.n_vocab):
-            raise UserError(f"{what}: token ids must be 0..{self.hparams.n_vocab - 1}, got "
-                            f"{ids.min()}..{ids.max()}")
-        return ids.astype(np.int32)

@@ -314,6 +314,9 @@ class ContinuousBatcher(Batcher):
     def __init__(self, gen, *, max_batch: int, queue_size: int, **_):
         super().__init__(gen, max_batch=max_batch, queue_size=queue_size)
         self.stepper = gen.engine.backend.stepper
+        # The native step takes a prompt chunk and the running rows' step in one pass over the
+        # weights (TFLite runs a chunk as a pass of its own, between two steps).
+        self._mixed = hasattr(self.stepper, "step_rows")
         self.n_ctx = gen.hparams.n_ctx
         self.keep = self.n_ctx - self.n_ctx // 4  # the window slides as in DecodeEngine
         self.slots: list[_Slot] = []
@@ -351,7 +354,8 @@ class ContinuousBatcher(Batcher):
             filling = next((s for s in self.slots if s.pending), None)
             if filling is None and self._new_slot() is None:
                 return
-            self._fill(filling or self.slots[-1], whole=False)
+            if not self._mixed:  # else the chunk runs inside the next step (_step)
+                self._fill(filling or self.slots[-1], whole=False)
             return
         for slot in [s for s in self.slots if s.pending]:
             self._fill(slot, whole=True)
@@ -443,7 +447,7 @@ class ContinuousBatcher(Batcher):
         # 1024 slots would cost short ones 2x per step at 16 rows). Else no re-plan.
         fewer = want * 2 <= self.stepper.rows
         self.stepper.resize(want if fewer else self.stepper.rows,
-                         slots if fewer or slots * 2 <= self.stepper.cache_len else None)
+                            slots if fewer or slots * 2 <= self.stepper.cache_len else None)
         rows = self.stepper.rows
         tokens = np.zeros([rows], np.int32)  # [rows]; unused rows: token 0 at slot 0, unread
         positions = np.zeros([rows], np.int32)
@@ -461,8 +465,39 @@ class ContinuousBatcher(Batcher):
                 positions[i] = len(slot.tokens)
             else:
                 tokens[i], positions[i] = slot.tokens[-1], len(slot.tokens) - 1
-        if len(slid) < len(self.slots):
+        if self._mixed:
+            self._step_mixed([i for i in range(len(self.slots)) if i not in slid], tokens,
+                             positions)
+        elif len(slid) < len(self.slots):
             logits = self.stepper.step(tokens, positions)  # [rows, V]
             for i, slot in enumerate(self.slots):
                 if i not in slid:
                     slot.logits = logits[i]
+
+    def _step_mixed(self, running: list[int], tokens: np.ndarray, positions: np.ndarray) -> None:
+        """The running rows' step and the next chunk of one prefilling row's prompt, in one
+        call (only the listed rows are computed: no idle rows). Where that call fails, the
+        chunk runs alone (_fill: a failure there fails that row only) and the step again."""
+        slots = [self.slots[i] for i in running]
+        tokens, positions = tokens[running], positions[running]
+        filling = next((s for s in self.slots if s.pending and s.logits is None), None)
+        logits = None
+        if filling is not None and slots:
+            chunk = filling.pending[:self.stepper.chunk_size]
+            try:
+                logits, last = self.stepper.step_rows(
+                    np.array(running), tokens, positions,
+                    (self.slots.index(filling), chunk, len(filling.tokens)))
+            except Exception:
+                log.exception("a step with a prompt chunk failed: running them apart")
+                self._fill(filling, whole=False)  # may drop that row: find the others again
+            else:
+                filling.tokens += chunk
+                filling.pending = filling.pending[len(chunk):]
+                if not filling.pending:
+                    filling.logits = last
+        if logits is None and slots:
+            rows = np.array([self.slots.index(s) for s in slots])
+            logits = self.stepper.step_rows(rows, tokens, positions)[0]
+        for slot, row_logits in zip(slots, logits if slots else []):
+            slot.logits = row_logits
