@@ -155,12 +155,12 @@ class Generator:
     def target_logprobs(self, tokens: Sequence[Sequence[int]]) -> np.ndarray:
         """Each token's log-probability given the ones before it: [B, T] ids -> [B, T-1].
 
-        At the Generator's precision: fp32 in the TF graph (one batched forward pass); int8 and
-        bf16 on the fast path where it runs (its weights are what generation uses), one decode
-        step per position with the text's own tokens fed in (slower, and exactly what
-        generation computes); bf16 elsewhere in the TF graph."""
+        At the Generator's precision: fp32 and bf16 in the TF graph (one batched forward
+        pass; bf16 there rounds each matmul's output too, where the native step sums in fp32);
+        int8 on the fast path, whose weights only it has, one decode step per position with
+        the text's own tokens fed in (slower, and exactly what generation computes)."""
         ids = np.asarray(tokens)
-        if self.precision != "fp32" and self.engine_name == "fast":
+        if self.precision == "int8" and self.engine_name == "fast":
             return self._stepped_logprobs(ids)
         g = self._graph_parts()
         return g.session.run(g.targets, {g.tokens: ids})

@@ -1,4 +1,5 @@
-// GPT-2's forward pass over a KV cache for decoding on x86 CPUs with AVX-512, in float32.
+// GPT-2's forward pass over a KV cache for decoding on x86 CPUs with AVX-512: float32, or
+// bf16 weights with AVX512-BF16 (fp32 sums).
 //
 // Built by gpt2tf.decode.native at first use (c++ -O3 -march=native -fopenmp) and called through
 // ctypes. Why it exists: TFLite's XNNPACK GEMM streams every weight matrix from memory once per
@@ -13,7 +14,8 @@
 // on its height), so a row's tokens never depend on how many rows share a step.
 //
 // Weights come packed by the Python side: a [K, N] matrix as panels [ceil(N/16)][K][16] (zero
-// padded), 64-byte aligned. Cache: float32 [L, 2, B, H, S, D] (k then v).
+// padded), 64-byte aligned; in bf16, as [ceil(N/16)][ceil(K/2)][16][2] (see gemm_bf16).
+// Cache: float32 [L, 2, B, H, S, D] (k then v).
 #include <immintrin.h>
 #include <omp.h>
 

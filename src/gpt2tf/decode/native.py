@@ -48,6 +48,7 @@ ALIGN = 64  # bytes: native.cc loads the panels with aligned AVX-512 loads
 # 128 keeps a chunk's stall of the server's running streams to one short step.
 CHUNK = 128
 COMPILERS = ("c++", "g++", "clang++")
+SPINCOUNT = "50000"  # libgomp's GOMP_SPINCOUNT unless the user set one (see load_library)
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 
@@ -133,6 +134,10 @@ def load_library() -> ctypes.CDLL:
                         _compile(target)
                     except OSError as e:
                         raise NativeUnavailable(f"cannot build {SOURCE.name}: {e}") from None
+            # libgomp's idle threads spin (300000 rounds by default) before they sleep: after
+            # a step, that spin took a core from the server's HTTP thread (one streaming
+            # client fell to 0.82x the CLI; 0.98x at 50000, with 16 clients at 6.15x one).
+            os.environ.setdefault("GOMP_SPINCOUNT", SPINCOUNT)
             try:
                 lib = ctypes.CDLL(str(target))
             except OSError as e:
