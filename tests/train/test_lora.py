@@ -163,7 +163,7 @@ def test_generation_uses_the_adapters(lora_run, merged):
     kw = dict(nsamples=1, batch_size=1, length=12, temperature=1.0, top_k=1, seed=0)
     with Generator(merged) as m:
         want = m.generate_tokens(TOKENS[0], **_params(kw))
-    for engine in ("auto", "graph"):
+    for engine in ("auto", "tflite", "graph"):  # the native step, TFLite, the TF graph
         with Generator(lora_run, engine=engine) as gen:
             assert gen.generate_tokens(TOKENS[0], **_params(kw)) == want, engine
 
@@ -195,13 +195,14 @@ def test_fast_path_cache_follows_the_adapters(models_dir, work):
     data = work / "data.txt"
     assert train(base_args(work, models_dir, data, "cached", steps=1, **LORA_FLAGS))[0] == 0
     run = work / "checkpoint" / "cached"
-    with Generator(run) as gen:
+    # TFLite's conversion is the on-disk cache (the native step merges at every load)
+    with Generator(run, engine="tflite") as gen:
         engine = gen.engine_name
     if engine != "fast":
         pytest.skip("the fast decode path does not run here")
     first = sorted(p.name for p in (run / ".gpt2tf-decode").iterdir())
     assert train(base_args(work, models_dir, data, "cached", steps=1))[0] == 0  # new adapters
-    with Generator(run) as gen:
+    with Generator(run, engine="tflite") as gen:
         assert gen.engine_name == "fast"
     second = sorted(p.name for p in (run / ".gpt2tf-decode").iterdir())
     assert len(first) == len(second) == 1 and first != second
