@@ -64,6 +64,20 @@ inline __m512 gelu512(__m512 x) {
   return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(t, _mm512_set1_ps(1.0f)));
 }
 
+// A tile's epilogue: y[m, 0:16] (op)= acc[m] + bias, the columns past `mask` untouched.
+template <int MR>
+inline void store_rows(const __m512* acc, const float* bias, float* y, int ldy, __mmask16 mask,
+                       int epilogue) {
+  __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
+  for (int m = 0; m < MR; ++m) {
+    __m512 v = _mm512_add_ps(acc[m], b);
+    float* out = y + (int64_t)m * ldy;
+    if (epilogue == GELU) v = gelu512(v);
+    if (epilogue == ADD) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), v);
+    _mm512_mask_storeu_ps(out, mask, v);
+  }
+}
+
 // y[m, 0:16] (op)= x[m, :] . panel + bias for MR rows; `mask` limits the last panel's columns.
 template <int MR>
 void tile(const float* x, int K, const float* panel, const float* bias, float* y, int ldy,
@@ -76,14 +90,7 @@ void tile(const float* x, int K, const float* panel, const float* bias, float* y
     for (int m = 0; m < MR; ++m)
       acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(x[(int64_t)m * K + k]), w, acc[m]);
   }
-  __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
-  for (int m = 0; m < MR; ++m) {
-    __m512 v = _mm512_add_ps(acc[m], b);
-    float* out = y + (int64_t)m * ldy;
-    if (epilogue == GELU) v = gelu512(v);
-    if (epilogue == ADD) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), v);
-    _mm512_mask_storeu_ps(out, mask, v);
-  }
+  store_rows<MR>(acc, bias, y, ldy, mask, epilogue);
 }
 
 using TileFn = void (*)(const float*, int, const float*, const float*, float*, int, __mmask16, int);
@@ -91,21 +98,28 @@ const TileFn TILES[MAX_TILE + 1] = {
     nullptr,   tile<1>,  tile<2>,  tile<3>,  tile<4>,  tile<5>,  tile<6>,  tile<7>,  tile<8>,
     tile<9>,   tile<10>, tile<11>, tile<12>, tile<13>, tile<14>, tile<15>, tile<16>};
 
-// y[M, N] (op)= x[M, K] W[K, N] + b, W packed; inside a parallel region (work-shared panels).
-void gemm(const float* x, int M, int K, const float* packed, const float* bias, int N, float* y,
-          int epilogue) {
+// Every (panel, row tile) of an [M, N] output, panels work-shared among the team (inside a
+// parallel region): f(panel, first row, rows <= MAX_TILE, the panel's column mask). Panels
+// outside, tiles inside: a panel stays in cache while all its row tiles read it.
+template <typename F>
+void each_tile(int M, int N, F f) {
   const int panels = (N + PANEL - 1) / PANEL;
 #pragma omp for schedule(static)
   for (int j = 0; j < panels; ++j) {
     const int cols = N - j * PANEL < PANEL ? N - j * PANEL : PANEL;
     const __mmask16 mask = (__mmask16)((1u << cols) - 1);
-    for (int m0 = 0; m0 < M; m0 += MAX_TILE) {
-      const int mr = M - m0 < MAX_TILE ? M - m0 : MAX_TILE;
-      TILES[mr](x + (int64_t)m0 * K, K, packed + (int64_t)j * K * PANEL,
-                bias ? bias + j * PANEL : nullptr, y + (int64_t)m0 * N + j * PANEL, N, mask,
-                epilogue);
-    }
+    for (int m0 = 0; m0 < M; m0 += MAX_TILE) f(j, m0, M - m0 < MAX_TILE ? M - m0 : MAX_TILE, mask);
   }
+}
+
+// y[M, N] (op)= x[M, K] W[K, N] + b, W packed; inside a parallel region (work-shared panels).
+void gemm(const float* x, int M, int K, const float* packed, const float* bias, int N, float* y,
+          int epilogue) {
+  each_tile(M, N, [&](int j, int m0, int mr, __mmask16 mask) {
+    TILES[mr](x + (int64_t)m0 * K, K, packed + (int64_t)j * K * PANEL,
+              bias ? bias + j * PANEL : nullptr, y + (int64_t)m0 * N + j * PANEL, N, mask,
+              epilogue);
+  });
 }
 
 #ifdef __AVX512BF16__
@@ -123,14 +137,7 @@ void tile_bf16(const uint32_t* xp, int K2, const uint16_t* panel, const float* b
     for (int m = 0; m < MR; ++m)
       acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_set1_epi32((int)xp[(int64_t)m * K2 + k]), w);
   }
-  __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
-  for (int m = 0; m < MR; ++m) {
-    __m512 v = _mm512_add_ps(acc[m], b);
-    float* out = y + (int64_t)m * ldy;
-    if (epilogue == GELU) v = gelu512(v);
-    if (epilogue == ADD) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), v);
-    _mm512_mask_storeu_ps(out, mask, v);
-  }
+  store_rows<MR>(acc, bias, y, ldy, mask, epilogue);
 }
 
 using TileBf16 = void (*)(const uint32_t*, int, const uint16_t*, const float*, float*, int,
@@ -159,18 +166,11 @@ void gemm_bf16(const float* x, int M, int K, const uint16_t* packed, const float
     }
     if (K & 1) out[K] = 0;  // the pad of the last pair (its weight row is zero too)
   }
-  const int panels = (N + PANEL - 1) / PANEL;
-#pragma omp for schedule(static)
-  for (int j = 0; j < panels; ++j) {
-    const int cols = N - j * PANEL < PANEL ? N - j * PANEL : PANEL;
-    const __mmask16 mask = (__mmask16)((1u << cols) - 1);
-    for (int m0 = 0; m0 < M; m0 += MAX_TILE) {
-      const int mr = M - m0 < MAX_TILE ? M - m0 : MAX_TILE;
-      TILES_BF16[mr](xp + (int64_t)m0 * K2, K2, packed + (int64_t)j * K2 * 2 * PANEL,
-                     bias ? bias + j * PANEL : nullptr, y + (int64_t)m0 * N + j * PANEL, N,
-                     mask, epilogue);
-    }
-  }
+  each_tile(M, N, [&](int j, int m0, int mr, __mmask16 mask) {
+    TILES_BF16[mr](xp + (int64_t)m0 * K2, K2, packed + (int64_t)j * K2 * 2 * PANEL,
+                   bias ? bias + j * PANEL : nullptr, y + (int64_t)m0 * N + j * PANEL, N, mask,
+                   epilogue);
+  });
 }
 #endif
 
