@@ -107,7 +107,7 @@ class FastBackend:
     def __init__(self, stepper, hparams: HParams):
         self.stepper = stepper
         self.hparams = hparams
-        self.runtime = RUNTIMES[type(stepper).__name__]
+        self.runtime = stepper.runtime  # "native" or "tflite"
         self.positions = np.zeros([0], np.int32)  # [B] the slot each row's next token goes to
 
     def start(self, contexts: list[list[int]]) -> np.ndarray:
@@ -130,9 +130,6 @@ class FastBackend:
         logits = self.stepper.step(np.asarray(tokens, np.int32), self.positions)
         self.positions = self.positions + 1
         return logits
-
-
-RUNTIMES = {"NativeStep": "native", "LiteStep": "tflite"}
 
 
 def _open_native(source: ModelSource, prefix: str, precision: str, threads: int, lora):

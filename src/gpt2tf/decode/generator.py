@@ -39,9 +39,9 @@ class Generator:
     weights: fp32 on the native step (gpt2tf.decode.native) where it builds, else on the
     checkpoint converted for TFLite/XNNPACK (cached beside it); bf16 on the native step, else
     the TF graph with bfloat16 matmuls; int8 on TFLite. Where the fast path cannot run, the TF
-    graph takes over with a one-line note. The TF graph (own tf.Graph and tf.Session) is built only when something needs it:
-    `logits`, bf16, the fallback, or engine="graph". engine="tflite" takes TFLite for fp32 too
-    (to compare the two).
+    graph takes over with a one-line note. The TF graph (own tf.Graph and tf.Session) is built
+    only when something needs it: `logits`, bf16 without the native step, the fallback, or
+    engine="graph". engine="tflite" takes TFLite for fp32 too (to compare the two).
 
     A LoRA run (gpt2tf.lora) loads as its base plus its adapters: the fast path converts the
     merged weights (its cache key covers the adapters' checkpoint and the base), the TF graph

@@ -44,7 +44,7 @@ from gpt2tf import model
 from gpt2tf.quiet import native_stderr_hidden
 from gpt2tf.errors import UserError
 from gpt2tf.hparams import HParams
-from gpt2tf.decode.stepper import Stepper
+from gpt2tf.decode.stepper import Stepper, checked_weights
 
 LITE_PRECISIONS = ("fp32", "int8")  # int8: dynamic-range, per-channel weights
 FORMAT_VERSION = 3  # bump when the converted model's layout changes (it keys an on-disk cache)
@@ -82,22 +82,8 @@ def constants(weights: dict[str, np.ndarray], hparams: HParams) -> dict[str, tf.
 
     conv1d weights, stored [1, nx, nf] in OpenAI's layout, become the [nx, nf] matrix they are.
     """
-    shapes = model.variable_shapes(hparams)
-    missing = sorted(shapes.keys() - weights.keys())
-    if missing:
-        raise UserError(
-            f"the weights lack {len(missing)} of GPT-2's tensors (e.g. {missing[0]}): is this "
-            f"a GPT-2 checkpoint of n_layer={hparams.n_layer}?"
-        )
-    out = {}
-    for name, shape in shapes.items():
-        array = np.asarray(weights[name], np.float32)
-        if list(array.shape) != shape:
-            raise UserError(
-                f"weight {name} has shape {list(array.shape)}, but the hparams give {shape}"
-            )
-        out[name] = tf.constant(array[0] if len(shape) == 3 else array)
-    return out
+    return {name: tf.constant(array[0] if array.ndim == 3 else array)
+            for name, array in checked_weights(weights, hparams).items()}
 
 
 def norm(x: tf.Tensor, p: dict, scope: str, *, epsilon: float = 1e-5) -> tf.Tensor:
@@ -321,10 +307,10 @@ class LiteStep(Stepper):
     2 x n_layer x cache_len x n_embd floats: 600 MB at 8 rows of 1024).
     """
 
+    runtime = "tflite"
+
     def __init__(self, model: bytes | str | os.PathLike, hparams: HParams, *, threads: int = 2):
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise UserError(f"threads must be a positive integer, got {threads!r}")
-        super().__init__(hparams)
+        super().__init__(hparams, threads)
         self._interp = open_interpreter(model, threads)
         self._sigs = self._read_signatures()
         self._check_layout(model)

@@ -1,12 +1,12 @@
 """GPT-2's decode step in native code (native.cc), for x86 CPUs with AVX-512: fp32, or bf16
 weights (AVX512-BF16's dot products, accumulated in fp32).
 
-The fp32 fast path's first choice, and bf16's only one. TFLite's XNNPACK GEMM re-reads every weight matrix once per
-7-row block, so its 16-row step costs 3.8x its 1-row step; native.cc keeps up to 16 rows in
-registers, reads each weight once per step and attends to a row's filled slots only (TFLite
-reads every slot of the cache, masked or not). Measured on 2 cores: a chain of GPT-2 124M's
-block matrices at 1 / 8 / 16 rows took 14.8 / 17.0 / 21.9 ms against XNNPACK's 13.5 / 36.3 /
-43.1 ms, with each row's numbers bit-identical whatever the row count.
+The fp32 fast path's first choice, and bf16's only one. TFLite's XNNPACK GEMM re-reads every
+weight matrix once per 7-row block, so its 16-row step costs 3.8x its 1-row step; native.cc
+keeps up to 16 rows in registers, reads each weight once per step and attends to a row's
+filled slots only (TFLite reads every slot of the cache, masked or not). Measured on 2 cores:
+a chain of GPT-2 124M's block matrices at 1 / 8 / 16 rows took 14.8 / 17.0 / 21.9 ms against
+XNNPACK's 13.5 / 36.3 / 43.1 ms, with each row's numbers bit-identical whatever the row count.
 
 The library is compiled at first use with the system's C++ compiler ($CXX, else c++, g++ or
 clang++; -O3 -march=native -fopenmp) into the user's cache (gpt2tf.paths.cache_root()), under a
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2tf import paths
-from gpt2tf.decode.stepper import Stepper
+from gpt2tf.decode.stepper import Stepper, checked_weights
 from gpt2tf.errors import UserError
 from gpt2tf.hparams import HParams
 
@@ -200,27 +200,13 @@ def pack_weights(weights: dict[str, np.ndarray], hparams: HParams,
     """The arrays native.cc takes, in its order (WTE, WPE, LNF_G, LNF_B, HEAD, then per layer
     _LAYER's), matrices packed (in bf16 with precision "bf16")."""
     packer = pack_bf16 if precision == "bf16" else pack
-    from gpt2tf import model
-
-    shapes = model.variable_shapes(hparams)
-    missing = sorted(shapes.keys() - weights.keys())
-    if missing:
-        raise UserError(f"the weights lack {len(missing)} of GPT-2's tensors (e.g. {missing[0]})"
-                        f": is this a GPT-2 checkpoint of n_layer={hparams.n_layer}?")
-
-    def get(name: str) -> np.ndarray:
-        array = np.asarray(weights[name], np.float32)
-        if list(array.shape) != shapes[name]:
-            raise UserError(f"weight {name} has shape {list(array.shape)}, but the hparams give"
-                            f" {shapes[name]}")
-        return array
-
-    wte = np.ascontiguousarray(get("model/wte"))  # [V, C]
-    out = [wte, np.ascontiguousarray(get("model/wpe")), get("model/ln_f/g"),
-           get("model/ln_f/b"), packer(wte.T)]  # the LM head is tied to wte: [C, V]
+    w = checked_weights(weights, hparams)
+    wte = np.ascontiguousarray(w["model/wte"])  # [V, C]
+    out = [wte, np.ascontiguousarray(w["model/wpe"]), w["model/ln_f/g"], w["model/ln_f/b"],
+           packer(wte.T)]  # the LM head is tied to wte: [C, V]
     for layer in range(hparams.n_layer):
         for part in _LAYER:
-            array = get(f"model/h{layer}/{part}")
+            array = w[f"model/h{layer}/{part}"]
             out.append(packer(array[0]) if part.endswith("/w") else np.ascontiguousarray(array))
     return out
 
@@ -237,17 +223,17 @@ class NativeStep(Stepper):
     the checkpoint's arrays can go) plus the cache (rows x 2 x n_layer x cache_len x n_embd
     floats)."""
 
+    runtime = "native"
+
     def __init__(self, weights: dict[str, np.ndarray], hparams: HParams, *, threads: int = 2,
                  precision: str = "fp32"):
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise UserError(f"threads must be a positive integer, got {threads!r}")
+        super().__init__(hparams, threads)
         if precision not in PRECISIONS:
             raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if precision == "bf16" and "avx512_bf16" not in _cpu_flags():
             raise NativeUnavailable("this CPU has no AVX512-BF16 (bf16 dot products)")
         if hparams.n_embd % hparams.n_head:
             raise NativeUnavailable(f"n_embd={hparams.n_embd} is not a multiple of n_head")
-        super().__init__(hparams)
         self._lib = load_library()
         self.threads = threads
         self.precision = precision
@@ -335,14 +321,7 @@ class NativeStep(Stepper):
         if rows.ndim != 1 or len(set(rows.tolist())) != len(rows) or \
                 (len(rows) and not (0 <= rows.min() and rows.max() < self.rows)):
             raise ValueError(f"rows must be distinct rows of 0..{self.rows - 1}, got {rows}")
-        tokens = self._token_ids(tokens, "tokens")
-        positions = np.asarray(positions)
-        if tokens.shape != rows.shape or positions.shape != rows.shape:
-            raise ValueError(f"tokens and positions must have one entry per row ({len(rows)}),"
-                             f" got {list(tokens.shape)} and {list(positions.shape)}")
-        if len(rows) and (positions.dtype.kind not in "iu" or positions.min() < 0 or
-                          positions.max() >= self.hparams.n_ctx):
-            raise UserError(f"positions must be 0..n_ctx-1={self.hparams.n_ctx - 1}")
+        tokens, positions = self._check_step(tokens, positions, len(rows))
         need = int(positions.max()) + 1 if len(rows) else 1
         parts = [(tokens, rows, positions)]
         if chunk is not None:

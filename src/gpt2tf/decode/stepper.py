@@ -29,12 +29,37 @@ def cache_lengths(n_ctx: int) -> tuple[int, ...]:
     return tuple(sizes) + (n_ctx,)
 
 
+def checked_weights(weights: dict[str, np.ndarray], hparams: HParams) -> dict[str, np.ndarray]:
+    """A checkpoint's arrays as float32, each of the shape `hparams` give it (OpenAI's layout),
+    by checkpoint name; a missing or misshapen one is a UserError."""
+    from gpt2tf import model  # TensorFlow: only for the variable shapes
+
+    shapes = model.variable_shapes(hparams)
+    missing = sorted(shapes.keys() - weights.keys())
+    if missing:
+        raise UserError(
+            f"the weights lack {len(missing)} of GPT-2's tensors (e.g. {missing[0]}): is this "
+            f"a GPT-2 checkpoint of n_layer={hparams.n_layer}?"
+        )
+    out = {}
+    for name, shape in shapes.items():
+        out[name] = np.asarray(weights[name], np.float32)
+        if list(out[name].shape) != shape:
+            raise UserError(
+                f"weight {name} has shape {list(out[name].shape)}, but the hparams give {shape}"
+            )
+    return out
+
+
 class Stepper:
     """The cache's rows and lengths, and the argument checks both steppers make."""
 
     hparams: HParams
+    runtime: str  # what FastBackend reports: "native" or "tflite"
 
-    def __init__(self, hparams: HParams):
+    def __init__(self, hparams: HParams, threads: int):
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise UserError(f"threads must be a positive integer, got {threads!r}")
         self.hparams = hparams
         self._lengths = cache_lengths(hparams.n_ctx)
 
@@ -105,16 +130,19 @@ class Stepper:
                              f"{n_ctx}, got {n} from position {start}")
         return tokens
 
-    def _check_step(self, tokens, positions) -> tuple[np.ndarray, np.ndarray]:
-        """step()'s arguments checked: (token ids, positions) as int32 [rows]."""
+    def _check_step(self, tokens, positions, rows: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """step()'s arguments checked (one per row of `rows` rows, default all of them):
+        (token ids, positions) as int32."""
+        rows = self.rows if rows is None else rows
         tokens = self._token_ids(tokens, "tokens")
         positions = np.asarray(positions)
-        if tokens.shape != (self.rows,) or positions.shape != (self.rows,):
+        if tokens.shape != (rows,) or positions.shape != (rows,):
             raise ValueError(
-                f"tokens and positions must have shape [{self.rows}] (one per row), got"
+                f"tokens and positions must have shape [{rows}] (one per row), got"
                 f" {list(tokens.shape)} and {list(positions.shape)}")
-        if positions.dtype.kind not in "iu" or positions.min() < 0 or \
-                positions.max() >= self.hparams.n_ctx:
+        if positions.size and (positions.dtype.kind not in "iu" or positions.min() < 0 or
+                               positions.max() >= self.hparams.n_ctx):
             raise UserError(f"positions must be 0..n_ctx-1={self.hparams.n_ctx - 1}, got "
                             f"{positions.min()}..{positions.max()} ({positions.dtype})")
         return tokens, positions.astype(np.int32)

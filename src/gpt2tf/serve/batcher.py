@@ -304,9 +304,10 @@ class ContinuousBatcher(Batcher):
     Every running row sits at its own position in its own cache row (the backend's stepper
     keeps them apart), a new prompt is prefilled into a free row between two steps, and a row's
     numbers never depend on how many rows share a step (the native step and XNNPACK both
-    compute each row alike whatever the row count; tests check it bit for bit), so a seeded request gives the same text alone or
-    under load with no padding. The step is planned for a power-of-two row count (re-planning
-    costs tens of milliseconds), shrinking when few rows remain.
+    compute each row alike whatever the row count; tests check it bit for bit), so a seeded
+    request gives the same text alone or under load with no padding. The step is planned for
+    a power-of-two row count (re-planning costs tens of milliseconds), shrinking when few rows
+    remain.
     """
 
     batch_invariant = True
